@@ -1,0 +1,379 @@
+"""Stage 2: spec -> lock. Freezes the exact package set (with URLs, sizes and sha256) of an
+environment, including what the bootstrap itself installs, so it can be rebuilt years later.
+
+Resolving twice against the same mirror state writes the same bytes: nothing in a lock comes
+from the clock; its source_date_epoch comes from the mirror (deb: the newest Release date;
+rpm: the newest package build time).
+"""
+
+from __future__ import annotations
+
+import email.utils
+import fnmatch
+import hashlib
+import json
+import os
+import re
+import sys
+import tempfile
+import urllib.parse
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from provision import run
+from provision.download import fetch_bytes, probe
+from provision.errors import CommandFailed, LockError, MirrorUnreachable
+from provision.spec import Family, Spec, Variant, expand
+
+LOCK_VERSION = 1
+DNF_PYTHON = os.environ.get("PROVISION_DNF_PYTHON", "/usr/bin/python3")
+
+
+@dataclass(frozen=True)
+class LockedPackage:
+    name: str
+    version: str  # deb: the full Debian version (epoch:upstream-revision); rpm: VERSION
+    arch: str
+    url: str
+    size: int
+    sha256: str
+    source: str
+    repo: str
+    epoch: int | None = None  # rpm only
+    release: str | None = None  # rpm only
+
+    @property
+    def evr(self) -> str:
+        if self.release is None:
+            return self.version
+        epoch = f"{self.epoch}:" if self.epoch else ""
+        return f"{epoch}{self.version}-{self.release}"
+
+    @property
+    def filename(self) -> str:
+        """A canonical file name for the package in a local repository."""
+        if self.release is None:
+            version = self.version.split(":", 1)[-1]
+            return f"{self.name}_{version}_{self.arch}.deb"
+        return f"{self.name}-{self.version}-{self.release}.{self.arch}.rpm"
+
+    def line(self) -> str:
+        return f"{self.name} {self.evr} {self.arch}"
+
+
+@dataclass(frozen=True)
+class LockedKey:
+    repo: str
+    url: str
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Lock:
+    name: str
+    family: Family
+    arch: str
+    spec_digest: str
+    source_date_epoch: int
+    packages: tuple[LockedPackage, ...]
+    keys: tuple[LockedKey, ...] = ()
+    suite: str | None = None
+
+    def to_json(self) -> str:
+        data: dict[str, Any] = {
+            "lock_version": LOCK_VERSION,
+            "name": self.name,
+            "family": self.family.value,
+            "arch": self.arch,
+            "suite": self.suite,
+            "spec_digest": self.spec_digest,
+            "source_date_epoch": self.source_date_epoch,
+            "keys": [asdict(k) for k in self.keys],
+            "packages": [
+                {k: v for k, v in asdict(p).items() if v is not None} for p in self.packages
+            ],
+        }
+        return json.dumps(data, indent=1, sort_keys=True) + "\n"
+
+    def digest(self) -> str:
+        return "sha256:" + hashlib.sha256(self.to_json().encode()).hexdigest()
+
+    def matches(self, spec: Spec) -> bool:
+        return self.spec_digest == spec.digest()
+
+
+def read_lock(path: Path) -> Lock:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise LockError(f"{path}: no lock file (run `provision lock` first)") from None
+    except (OSError, ValueError) as e:
+        raise LockError(f"{path}: not a readable lock file ({e})") from None
+    try:
+        if data["lock_version"] != LOCK_VERSION:
+            raise LockError(f"{path}: lock version {data['lock_version']} is not supported")
+        return Lock(
+            name=data["name"],
+            family=Family(data["family"]),
+            arch=data["arch"],
+            suite=data.get("suite"),
+            spec_digest=data["spec_digest"],
+            source_date_epoch=int(data["source_date_epoch"]),
+            keys=tuple(LockedKey(**k) for k in data["keys"]),
+            packages=tuple(LockedPackage(**p) for p in data["packages"]),
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise LockError(f"{path}: malformed lock file ({e!r})") from None
+
+
+def write_lock(lock: Lock, path: Path) -> None:
+    """Write atomically: a reader sees the old lock or the new one, never half of one."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o644)
+        with os.fdopen(fd, "w") as f:
+            f.write(lock.to_json())
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise LockError(f"cannot write {path}: {e.strerror}") from None
+
+
+def check_forbidden(spec: Spec, names: list[str]) -> None:
+    hits = sorted({f"{n} (matches {g!r})" for n in names for g in spec.forbidden
+                   if fnmatch.fnmatchcase(n, g)})
+    if hits:
+        raise LockError(f"{spec.name}: forbidden packages would be included: {', '.join(hits)}")
+
+
+def resolve(spec: Spec, env: dict[str, str] | None = None) -> Lock:
+    """Resolve the spec's full package set against its mirrors."""
+    urls = [expand(r.baseurl, f"{spec.path}: repos.{r.name}.baseurl", env) for r in spec.repos]
+    with tempfile.TemporaryDirectory(prefix="provision-lock-") as tmp:
+        if spec.family is Family.DEB:
+            lock = _resolve_deb(spec, urls, Path(tmp))
+        else:
+            lock = _resolve_rpm(spec, urls, Path(tmp))
+    check_forbidden(spec, [p.name for p in lock.packages])
+    return lock
+
+
+# --------------------------------------------------------------------------- deb
+
+APT_CONF = """\
+Dir "{root}/";
+Dir::State::status "{root}/var/lib/dpkg/status";
+Dir::Etc::Parts "{root}/etc/apt/apt.conf.d";
+APT::Architecture "{arch}";
+APT::Architectures "{arch}";
+Acquire::Languages "none";
+Acquire::Retries "2";
+APT::Sandbox::User "root";
+Debug::NoLocking "true";
+APT::Install-Recommends "false";
+APT::Install-Suggests "false";
+"""
+
+VARIANT_EXTRA = {
+    Variant.ESSENTIAL: [],
+    Variant.APT: ["apt"],
+    Variant.REQUIRED: ["apt", "?priority(required)"],
+    Variant.BUILDD: ["apt", "?priority(required)", "build-essential"],
+    Variant.IMPORTANT: ["apt", "?priority(required)", "?priority(important)"],
+}
+
+
+def apt_env(root: Path, arch: str) -> dict[str, str]:
+    """A private apt configuration under `root`: nothing of the host's apt state is used."""
+    for d in ("etc/apt/apt.conf.d", "etc/apt/preferences.d", "etc/apt/trusted.gpg.d",
+              "etc/apt/sources.list.d", "var/lib/apt/lists/partial",
+              "var/cache/apt/archives/partial", "var/lib/dpkg"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    (root / "var/lib/dpkg/status").touch()
+    conf = root / "apt.conf"
+    conf.write_text(APT_CONF.format(root=root, arch=arch))
+    return {"APT_CONFIG": str(conf), "LC_ALL": "C.UTF-8"}
+
+
+def deb_sources(spec: Spec, urls: list[str]) -> str:
+    lines = []
+    for repo, url in zip(spec.repos, urls, strict=True):
+        opts = f"arch={spec.arch}"
+        opts += " trusted=yes" if repo.trusted else f" signed-by={repo.keyring}"
+        lines.append(f"deb [{opts}] {url} {repo.suite} {' '.join(repo.components)}")
+    return "\n".join(lines) + "\n"
+
+
+def parse_deb822(text: str) -> list[dict[str, str]]:
+    out: list[dict[str, str]] = []
+    for stanza in re.split(r"\n\s*\n", text):
+        fields: dict[str, str] = {}
+        key = None
+        for line in stanza.splitlines():
+            if line.startswith((" ", "\t")) and key:
+                fields[key] += "\n" + line.strip()
+            elif ":" in line:
+                key, value = line.split(":", 1)
+                fields[key] = value.strip()
+        if fields:
+            out.append(fields)
+    return out
+
+
+def _resolve_deb(spec: Spec, urls: list[str], tmp: Path) -> Lock:
+    for repo, url in zip(spec.repos, urls, strict=True):
+        if repo.keyring and not Path(repo.keyring).is_file():
+            raise LockError(f"{spec.path}: repo {repo.name}: keyring {repo.keyring} does not exist")
+        probe(f"{url}/dists/{repo.suite}/Release")
+    env = apt_env(tmp, spec.arch)
+    (tmp / "etc/apt/sources.list").write_text(deb_sources(spec, urls))
+    try:
+        run.run(["apt-get", "update", "-q"], capture=True, extra_env=env)
+    except CommandFailed as e:
+        text = e.stderr
+        if "NO_PUBKEY" in text or "not signed" in text or "EXPKEYSIG" in text:
+            raise LockError(f"{spec.name}: repository signature check failed: "
+                            f"{_first_error(text)}") from None
+        raise MirrorUnreachable(f"mirror unreachable: {_first_error(text)}") from None
+    # Map the lists apt fetched back to the repo they came from.
+    lists = tmp / "var/lib/apt/lists"
+    index: dict[tuple[str, str, str], tuple[dict[str, str], str, str]] = {}
+    dates: list[int] = []
+    for repo, url in zip(spec.repos, urls, strict=True):
+        prefix = _list_prefix(url)
+        for rel in sorted(lists.glob(f"{prefix}_dists_{_quote(repo.suite or '')}_*Release")):
+            fields = parse_deb822(rel.read_text(errors="replace").split("-----BEGIN PGP SIGNATURE")[0])
+            for f in fields:
+                if "Date" in f:
+                    parsed = email.utils.parsedate_to_datetime(f["Date"])
+                    dates.append(int(parsed.timestamp()))
+        for pkgs in sorted(lists.glob(f"{prefix}_dists_*_Packages")):
+            for st in parse_deb822(pkgs.read_text(errors="replace")):
+                k = (st.get("Package", ""), st.get("Version", ""), st.get("Architecture", ""))
+                index.setdefault(k, (st, url, repo.name))
+    if not dates:
+        raise LockError(f"{spec.name}: the repositories' Release files carry no Date")
+    wanted = ["?essential", *VARIANT_EXTRA[spec.variant], *spec.packages]
+    try:
+        out = run.output(["apt-get", "install", "-s", "-q", *wanted], extra_env=env)
+    except CommandFailed as e:
+        raise LockError(f"{spec.name}: cannot resolve packages: {_first_error(e.stderr)}") from None
+    pkgs: list[LockedPackage] = []
+    for m in re.finditer(r"^Inst (\S+) (?:\[[^]]*\] )?\((\S+) .*\[(\S+)\]\)", out, re.M):
+        name, version, arch = m.groups()
+        found = index.get((name, version, arch))
+        if found is None:
+            raise LockError(f"{spec.name}: {name} {version} {arch} is not in the fetched indexes")
+        st, url, repo_name = found
+        if "SHA256" not in st:
+            raise LockError(f"{spec.name}: {name} {version} has no SHA256 in the mirror's index")
+        source = st.get("Source", name).split(" ")[0]
+        pkgs.append(LockedPackage(
+            name=name, version=version, arch=arch, url=f"{url}/{st['Filename']}",
+            size=int(st["Size"]), sha256=st["SHA256"], source=source, repo=repo_name))
+    if not pkgs:
+        raise LockError(f"{spec.name}: apt resolved no packages")
+    pkgs.sort(key=lambda p: (p.name, p.arch))
+    return Lock(name=spec.name, family=spec.family, arch=spec.arch, spec_digest=spec.digest(),
+                source_date_epoch=max(dates), packages=tuple(pkgs),
+                suite=spec.repos[0].suite)
+
+
+def _quote(s: str) -> str:
+    return s.replace("/", "_")
+
+
+def _list_prefix(url: str) -> str:
+    """apt's lists/ file name prefix for a URL (scheme dropped, / -> _)."""
+    parts = urllib.parse.urlsplit(url)
+    path = (parts.netloc + parts.path).rstrip("/")
+    return glob_escape(path.replace("/", "_"))
+
+
+def glob_escape(s: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", s)
+
+
+def _first_error(text: str) -> str:
+    for line in text.splitlines():
+        if line.startswith(("E:", "Err:", "W:")) or "rror" in line:
+            return line.strip()
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    return lines[-1].strip() if lines else "no detail"
+
+
+# --------------------------------------------------------------------------- rpm
+
+def _resolve_rpm(spec: Spec, urls: list[str], tmp: Path) -> Lock:
+    keys: list[LockedKey] = []
+    for repo, url in zip(spec.repos, urls, strict=True):
+        probe(urllib.parse.urljoin(url.rstrip("/") + "/", "repodata/repomd.xml"))
+        for key_url in repo.gpgkey:
+            key_url = expand(key_url, f"{spec.path}: repos.{repo.name}.gpgkey")
+            data = fetch_bytes(key_url)
+            if b"BEGIN PGP PUBLIC KEY BLOCK" not in data:
+                raise LockError(f"{spec.name}: {key_url} is not an armoured PGP public key")
+            keys.append(LockedKey(repo=repo.name, url=key_url,
+                                  sha256=hashlib.sha256(data).hexdigest()))
+    request = {
+        "installroot": str(tmp / "root"),
+        "cachedir": str(tmp / "cache"),
+        "arch": spec.arch,
+        "releasever": spec.releasever,
+        "repos": [{"name": r.name, "baseurl": u} for r, u in zip(spec.repos, urls, strict=True)],
+        "packages": list(spec.packages),
+    }
+    helper = Path(__file__).parent / "helpers" / "dnf_resolve.py"
+    proc = run.run([DNF_PYTHON, helper], capture=True, check=False,
+                   input=json.dumps(request).encode())
+    err = proc.stderr.decode(errors="replace").strip()
+    if proc.returncode == 3:
+        raise MirrorUnreachable(err.splitlines()[-1] if err else "mirror unreachable")
+    if proc.returncode != 0:
+        last = err.splitlines()[-1] if err else f"exit {proc.returncode}"
+        if "No module named 'dnf'" in err:
+            last = f"{DNF_PYTHON} has no dnf module (run scripts/setup)"
+        raise LockError(f"{spec.name}: {last}")
+    answer = json.loads(proc.stdout)
+    by_repo = {r.name: u for r, u in zip(spec.repos, urls, strict=True)}
+    pkgs: list[LockedPackage] = []
+    for p in answer["packages"]:
+        url = urllib.parse.urljoin(by_repo[p["repo"]].rstrip("/") + "/", p["location"])
+        if p["checksum_type"] == "sha256":
+            sha = p["checksum"]
+        else:
+            sha = _sha256_of(url)
+        source = re.sub(r"-[^-]+-[^-]+\.src\.rpm$", "", p["sourcerpm"]) or p["name"]
+        pkgs.append(LockedPackage(
+            name=p["name"], version=p["version"], arch=p["arch"], url=url, size=int(p["size"]),
+            sha256=sha, source=source, repo=p["repo"], epoch=int(p["epoch"]),
+            release=p["release"]))
+    if not pkgs:
+        raise LockError(f"{spec.name}: dnf resolved no packages")
+    epoch = max(int(p["buildtime"]) for p in answer["packages"])
+    return Lock(name=spec.name, family=spec.family, arch=spec.arch, spec_digest=spec.digest(),
+                source_date_epoch=epoch, packages=tuple(pkgs), keys=tuple(keys))
+
+
+def _sha256_of(url: str) -> str:
+    """For mirrors whose metadata carries only an older checksum type."""
+    h = hashlib.sha256()
+    from provision.download import open_url  # local: only old mirrors need it
+
+    with open_url(url) as (f, _):
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def lock_spec(spec: Spec, *, write: bool = True) -> Lock:
+    """Resolve and write `<spec>.lock` beside the spec."""
+    for w in spec.warnings:
+        print(f"provision: warning: {w}", file=sys.stderr)
+    lock = resolve(spec)
+    if write:
+        write_lock(lock, spec.lock_path)
+    return lock

@@ -1,0 +1,18 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from yumrepo import HttpServer, YumRepo, build_yum_repo
+
+
+@pytest.fixture(scope="session")
+def yum_repo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[YumRepo, str]]:
+    """A GPG-signed yum repo of tiny RPMs (see tests/yumrepo.py) served over HTTP.
+
+    Yields ``(repo, base_url)``; ``base_url`` is ``http://127.0.0.1:<port>/`` and ends in "/".
+    The server is stopped when the session ends.
+    """
+    repo = build_yum_repo(tmp_path_factory.mktemp("yumrepo"))
+    with HttpServer(repo.path) as server:
+        yield repo, server.url
