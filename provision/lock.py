@@ -35,7 +35,7 @@ class LockedPackage:
     name: str
     version: str  # deb: the full Debian version (epoch:upstream-revision); rpm: VERSION
     arch: str
-    url: str
+    path: str  # relative to its repo's baseurl
     size: int
     sha256: str
     source: str
@@ -65,8 +65,18 @@ class LockedPackage:
 @dataclass(frozen=True)
 class LockedKey:
     repo: str
-    url: str
+    url: str  # as the spec wrote it: ${VAR} is expanded when it is fetched
     sha256: str
+
+
+@dataclass(frozen=True)
+class LockedRepo:
+    name: str
+    baseurl: str  # as the spec wrote it: the lock names no mirror host of its own
+
+
+def join_url(base: str, path: str) -> str:
+    return base.rstrip("/") + "/" + path.lstrip("/")
 
 
 @dataclass(frozen=True)
@@ -77,8 +87,17 @@ class Lock:
     spec_digest: str
     source_date_epoch: int
     packages: tuple[LockedPackage, ...]
+    repos: tuple[LockedRepo, ...]
     keys: tuple[LockedKey, ...] = ()
     suite: str | None = None
+
+    def urls(self, env: dict[str, str] | None = None) -> dict[str, str]:
+        """Each repo's base URL, with ${VAR} expanded now (on this machine)."""
+        return {r.name: expand(r.baseurl, f"lock {self.name}: repo {r.name}", env)
+                for r in self.repos}
+
+    def package_url(self, p: LockedPackage, urls: dict[str, str]) -> str:
+        return join_url(urls[p.repo], p.path)
 
     def to_json(self) -> str:
         data: dict[str, Any] = {
@@ -90,6 +109,7 @@ class Lock:
             "spec_digest": self.spec_digest,
             "source_date_epoch": self.source_date_epoch,
             "keys": [asdict(k) for k in self.keys],
+            "repos": [asdict(r) for r in self.repos],
             "packages": [
                 {k: v for k, v in asdict(p).items() if v is not None} for p in self.packages
             ],
@@ -121,6 +141,7 @@ def read_lock(path: Path) -> Lock:
             spec_digest=data["spec_digest"],
             source_date_epoch=int(data["source_date_epoch"]),
             keys=tuple(LockedKey(**k) for k in data["keys"]),
+            repos=tuple(LockedRepo(**r) for r in data["repos"]),
             packages=tuple(LockedPackage(**p) for p in data["packages"]),
         )
     except (KeyError, TypeError, ValueError) as e:
@@ -267,18 +288,18 @@ def _resolve_deb(spec: Spec, urls: list[str], tmp: Path) -> Lock:
         found = index.get((name, version, arch))
         if found is None:
             raise LockError(f"{spec.name}: {name} {version} {arch} is not in the fetched indexes")
-        st, url, repo_name = found
+        st, _url, repo_name = found
         if "SHA256" not in st:
             raise LockError(f"{spec.name}: {name} {version} has no SHA256 in the mirror's index")
         source = st.get("Source", name).split(" ")[0]
         pkgs.append(LockedPackage(
-            name=name, version=version, arch=arch, url=f"{url}/{st['Filename']}",
+            name=name, version=version, arch=arch, path=st["Filename"],
             size=int(st["Size"]), sha256=st["SHA256"], source=source, repo=repo_name))
     if not pkgs:
         raise LockError(f"{spec.name}: apt resolved no packages")
     pkgs.sort(key=lambda p: (p.name, p.arch))
     return Lock(name=spec.name, family=spec.family, arch=spec.arch, spec_digest=spec.digest(),
-                source_date_epoch=max(dates), packages=tuple(pkgs),
+                source_date_epoch=max(dates), packages=tuple(pkgs), repos=_locked_repos(spec),
                 suite=spec.repos[0].suite)
 
 
@@ -312,8 +333,7 @@ def _resolve_rpm(spec: Spec, urls: list[str], tmp: Path) -> Lock:
     for repo, url in zip(spec.repos, urls, strict=True):
         probe(urllib.parse.urljoin(url.rstrip("/") + "/", "repodata/repomd.xml"))
         for key_url in repo.gpgkey:
-            key_url = expand(key_url, f"{spec.path}: repos.{repo.name}.gpgkey")
-            data = fetch_bytes(key_url)
+            data = fetch_bytes(expand(key_url, f"{spec.path}: repos.{repo.name}.gpgkey"))
             if b"BEGIN PGP PUBLIC KEY BLOCK" not in data:
                 raise LockError(f"{spec.name}: {key_url} is not an armoured PGP public key")
             keys.append(LockedKey(repo=repo.name, url=key_url,
@@ -341,21 +361,26 @@ def _resolve_rpm(spec: Spec, urls: list[str], tmp: Path) -> Lock:
     by_repo = {r.name: u for r, u in zip(spec.repos, urls, strict=True)}
     pkgs: list[LockedPackage] = []
     for p in answer["packages"]:
-        url = urllib.parse.urljoin(by_repo[p["repo"]].rstrip("/") + "/", p["location"])
         if p["checksum_type"] == "sha256":
             sha = p["checksum"]
         else:
-            sha = _sha256_of(url)
+            sha = _sha256_of(join_url(by_repo[p["repo"]], p["location"]))
         source = re.sub(r"-[^-]+-[^-]+\.src\.rpm$", "", p["sourcerpm"]) or p["name"]
         pkgs.append(LockedPackage(
-            name=p["name"], version=p["version"], arch=p["arch"], url=url, size=int(p["size"]),
+            name=p["name"], version=p["version"], arch=p["arch"], path=p["location"],
+            size=int(p["size"]),
             sha256=sha, source=source, repo=p["repo"], epoch=int(p["epoch"]),
             release=p["release"]))
     if not pkgs:
         raise LockError(f"{spec.name}: dnf resolved no packages")
     epoch = max(int(p["buildtime"]) for p in answer["packages"])
     return Lock(name=spec.name, family=spec.family, arch=spec.arch, spec_digest=spec.digest(),
-                source_date_epoch=epoch, packages=tuple(pkgs), keys=tuple(keys))
+                source_date_epoch=epoch, packages=tuple(pkgs), keys=tuple(keys),
+                repos=_locked_repos(spec))
+
+
+def _locked_repos(spec: Spec) -> tuple[LockedRepo, ...]:
+    return tuple(LockedRepo(name=r.name, baseurl=r.baseurl) for r in spec.repos)
 
 
 def _sha256_of(url: str) -> str:

@@ -69,6 +69,8 @@ def _bootstrap_deb(lock: Lock, cache: PackageCache, root: Path, work: Path,
     (root / "etc/apt/sources.list").write_text(SOURCES_NOTE)
 
 
+# dnf puts its cache inside the installroot whatever we say: give it a path we then remove.
+DNF_CACHE = "/var/cache/provision-dnf"
 DNF_CONF = """\
 [main]
 gpgcheck=1
@@ -104,7 +106,7 @@ def _bootstrap_rpm(spec: Spec, lock: Lock, cache: PackageCache, root: Path, work
     root.mkdir(parents=True, exist_ok=True)
     cmd = [
         "dnf", "-y", "-q", f"--installroot={root}", "-c", work / "dnf.conf",
-        f"--setopt=reposdir={reposd}", "--setopt=cachedir=/var/cache/provision-dnf",
+        f"--setopt=reposdir={reposd}", f"--setopt=cachedir={DNF_CACHE}",
         f"--releasever={spec.releasever or '1'}", f"--forcearch={lock.arch}",
         "--disableplugin=*", "install",
         *(f"{p.name}-{p.evr}.{p.arch}" for p in lock.packages),
@@ -243,7 +245,7 @@ def apply_files(spec: Spec, root: Path) -> None:
 
 # Paths whose contents are removed (the directory itself stays).
 EMPTIED = [
-    "var/cache/apt", "var/cache/dnf", "var/cache/yum", "var/cache/provision-dnf",
+    "var/cache/apt", "var/cache/dnf", "var/cache/yum",
     "var/cache/ldconfig", "var/lib/apt/lists", "var/log", "var/tmp", "tmp", "run",
     "var/lib/dnf",
 ]
@@ -269,6 +271,7 @@ def _empty_dir(path: Path) -> None:
 
 
 def normalize(root: Path, source_date_epoch: int) -> None:
+    shutil.rmtree(root / DNF_CACHE.lstrip("/"), ignore_errors=True)
     for rel in EMPTIED:
         _empty_dir(root / rel)
     for pattern in REMOVED_GLOBS:

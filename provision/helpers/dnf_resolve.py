@@ -23,8 +23,8 @@ def main() -> int:
     conf.install_weak_deps = False
     conf.substitutions["basearch"] = req["arch"]
     conf.substitutions["arch"] = req["arch"]
-    if req.get("releasever"):
-        conf.substitutions["releasever"] = req["releasever"]
+    conf.releasever = req.get("releasever") or "1"
+    conf.substitutions["releasever"] = conf.releasever
     conf.arch = req["arch"]
     for r in req["repos"]:
         repo = base.repos.add_new_repo(r["name"], conf, baseurl=[r["baseurl"]])

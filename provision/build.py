@@ -1,0 +1,85 @@
+"""The build pipeline: spec -> lock -> cache -> local repo -> rootfs -> archive -> store + index.
+
+As `docker build` adds to the local images, `build` adds the environment to a store.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from provision.archive import Compression, write_archive
+from provision.cache import PackageCache, default_cache_dir
+from provision.errors import LockError
+from provision.index import Index, Version
+from provision.lock import Lock, check_forbidden, lock_spec, read_lock
+from provision.rootfs import bootstrap, scratch
+from provision.spec import Spec
+from provision.store import Store
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    name: str
+    version: Version
+    store: str
+    lock_path: Path
+
+
+def ensure_lock(spec: Spec, *, relock: bool = False) -> Lock:
+    """The spec's lock: made if missing, refused if stale (unless relock)."""
+    path = spec.lock_path
+    if relock or not path.exists():
+        if not relock:
+            print(f"provision: no lock yet; resolving {path}", file=sys.stderr)
+        return lock_spec(spec)
+    lock = read_lock(path)
+    if not lock.matches(spec):
+        raise LockError(f"{path} no longer matches {spec.path} (run with --relock to update it)")
+    for w in spec.warnings:
+        print(f"provision: warning: {w}", file=sys.stderr)
+    check_forbidden(spec, [p.name for p in lock.packages])
+    return lock
+
+
+def build(spec: Spec, store: Store, *, relock: bool = False, cache_dir: Path | None = None,
+          keep_root: Path | None = None, tags: tuple[str, ...] = ("latest",)) -> BuildResult:
+    lock = ensure_lock(spec, relock=relock)
+    cache_root = cache_dir or default_cache_dir()
+    cache = PackageCache(cache_root / "packages")
+    cache.ensure(lock)
+    with scratch(cache_root / "work") as work:
+        root = work / "root"
+        bootstrap(spec, lock, cache, root, work)
+        archive = work / "archive"
+        info = write_archive(root, archive, source_date_epoch=lock.source_date_epoch,
+                             compression=Compression(spec.compression), exclude=spec.exclude)
+        lock_file = work / "lock.json"
+        lock_file.write_text(lock.to_json())
+        store.put_blob(lock.digest(), lock_file)
+        store.put_blob(info.digest, archive)
+        if keep_root is not None:
+            os.rename(root, keep_root)
+    version = Version(
+        digest=info.digest,
+        created=dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        lock_digest=lock.digest(),
+        size=info.size,
+        tar_sha256=info.tar_sha256,
+        tar_size=info.tar_size,
+        compression=info.compression.value,
+        source_date_epoch=lock.source_date_epoch,
+        packages=tuple(p.line() for p in lock.packages),
+    )
+
+    def add(index: Index) -> Index:
+        return index.with_version(spec.name, version, tags)
+
+    index = store.update_index(add)
+    recorded = index.environments[spec.name].version(version.digest) or version
+    return BuildResult(spec.name, recorded, store.url, spec.lock_path)
+
+

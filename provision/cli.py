@@ -1,0 +1,247 @@
+"""The command line: a thin layer over the library. One error root, caught once here."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from provision import __version__
+from provision.errors import ProvisionError, SpecError
+from provision.index import parse_ref
+
+USAGE_EXIT = 2
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=1, sort_keys=True))
+
+
+def _cache(args: argparse.Namespace) -> Path | None:
+    return Path(args.cache) if args.cache else None
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from provision.spec import load_spec
+
+    spec = load_spec(Path(args.spec))
+    for w in spec.warnings:
+        print(f"provision: warning: {w}", file=sys.stderr)
+    if args.json:
+        _print_json({"name": spec.name, "family": spec.family.value, "digest": spec.digest(),
+                     "repos": len(spec.repos), "packages": len(spec.packages)})
+    else:
+        print(f"{spec.path}: ok: {spec.name} ({spec.family.value}, {spec.arch}, "
+              f"{len(spec.repos)} repos, {len(spec.packages)} packages)")
+    return 0
+
+
+def cmd_lock(args: argparse.Namespace) -> int:
+    from provision.lock import lock_spec
+    from provision.spec import load_spec
+
+    spec = load_spec(Path(args.spec))
+    lock = lock_spec(spec)
+    size = sum(p.size for p in lock.packages)
+    if args.json:
+        _print_json({"name": lock.name, "lock": str(spec.lock_path), "digest": lock.digest(),
+                     "packages": len(lock.packages), "download_size": size,
+                     "source_date_epoch": lock.source_date_epoch})
+    else:
+        print(f"{spec.lock_path}: {len(lock.packages)} packages, {size / 1e6:.1f} MB, "
+              f"{lock.digest()}")
+    return 0
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from provision.build import build
+    from provision.spec import load_spec
+    from provision.store import open_store
+
+    spec = load_spec(Path(args.spec))
+    result = build(spec, open_store(args.store), relock=args.relock, cache_dir=_cache(args))
+    v = result.version
+    if args.json:
+        _print_json({"name": result.name, "digest": v.digest, "size": v.size,
+                     "tar_sha256": v.tar_sha256, "tar_size": v.tar_size,
+                     "lock_digest": v.lock_digest, "packages": v.package_count,
+                     "store": result.store})
+    else:
+        print(f"{result.name}@{v.digest}  {v.size / 1e6:.1f} MB  {v.package_count} packages  "
+              f"-> {result.store}")
+    return 0
+
+
+def _target(args: argparse.Namespace) -> tuple[Any, Any]:
+    from provision.fetch import resolve_target
+
+    ref = parse_ref(args.ref) if args.ref else None
+    return resolve_target(ref, args.store)
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    from provision.fetch import fetch
+
+    ref, store = _target(args)
+    got = fetch(ref, store, cache_dir=_cache(args))
+    if args.json:
+        _print_json({"name": got.name, "digest": got.digest, "root": str(got.root),
+                     "store": got.store, "cached": got.cached})
+    else:
+        print(got.root)
+    return 0
+
+
+def _enter(args: argparse.Namespace, argv: list[str]) -> int:
+    from provision.cache import default_cache_dir
+    from provision.enter import enter
+    from provision.fetch import fetch
+
+    ref, store = _target(args)
+    got = fetch(ref, store, cache_dir=_cache(args))
+    scratch = (_cache(args) or default_cache_dir()) / "run"
+    return enter(got.root, argv, scratch_dir=scratch, bind=Path.cwd())
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    return _enter(args, list(args.command))
+
+
+def cmd_shell(args: argparse.Namespace) -> int:
+    return _enter(args, ["/bin/sh", "-c", 'exec "$(command -v bash || echo /bin/sh)" -l'])
+
+
+def cmd_pin(args: argparse.Namespace) -> int:
+    from provision.pin import PIN_FILE, Pin, write_pin
+    from provision.store import default_store_url, open_store
+
+    ref = parse_ref(args.ref)
+    store = open_store(args.store)
+    _env, version = store.read_index().resolve(ref)
+    path = Path(args.file or PIN_FILE)
+    pin = Pin(ref.name, version.digest, args.store or default_store_url())
+    write_pin(pin, path)
+    if args.json:
+        _print_json({"name": pin.name, "digest": pin.digest, "store": pin.store,
+                     "file": str(path)})
+    else:
+        print(f"{path}: {pin.name}@{pin.digest}")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from provision.store import open_store
+
+    store = open_store(args.store)
+    index = store.read_index()
+    if args.json:
+        _print_json({"store": store.url, "environments": {
+            name: {"tags": env.tags, "versions": [
+                {k: v for k, v in ver.to_dict().items() if k != "packages"}
+                for ver in env.versions]}
+            for name, env in sorted(index.environments.items())}})
+        return 0
+    if not index.environments:
+        print(f"no environments in {store.url}")
+        return 0
+    print(f"{'NAME':24} {'DIGEST':20} {'SIZE':>10} {'PKGS':>5}  {'CREATED':20} TAGS")
+    for name, env in sorted(index.environments.items()):
+        for v in env.versions:
+            tags = ",".join(sorted(t for t, d in env.tags.items() if d == v.digest))
+            print(f"{name:24} {v.digest[:19]:20} {v.size / 1e6:8.1f}MB {v.package_count:5}  "
+                  f"{v.created:20} {tags}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="provision",
+        description="Reproducible, content-addressed build environments.")
+    p.add_argument("--version", action="version", version=f"provision {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="log every command run")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="print one JSON object")
+    common.add_argument("--store", default=None,
+                        help="store path or URL (default: $PROVISION_STORE or "
+                             "~/.local/share/provision/store)")
+    common.add_argument("--cache", default=None,
+                        help="cache directory (default: ~/.cache/provision)")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    s = sub.add_parser("check", parents=[common], help="validate a spec")
+    s.add_argument("spec")
+    s.set_defaults(func=cmd_check)
+    s = sub.add_parser("lock", parents=[common], help="resolve a spec into SPEC.lock")
+    s.add_argument("spec")
+    s.set_defaults(func=cmd_lock)
+    s = sub.add_parser("build", parents=[common], help="build an environment into the store")
+    s.add_argument("spec")
+    s.add_argument("--relock", action="store_true", help="resolve the lock again first")
+    s.set_defaults(func=cmd_build)
+    s = sub.add_parser("fetch", parents=[common], help="fetch, verify and unpack; print the root")
+    s.add_argument("ref", nargs="?", help="NAME, NAME:TAG or NAME@sha256:HEX (default: the pin)")
+    s.set_defaults(func=cmd_fetch)
+    s = sub.add_parser("run", parents=[common], help="run a command in an environment",
+                       usage="provision run [REF] -- CMD [ARG ...]")
+    s.add_argument("ref", nargs="?")
+    s.add_argument("command", nargs=argparse.REMAINDER)
+    s.set_defaults(func=cmd_run)
+    s = sub.add_parser("shell", parents=[common], help="an interactive shell in an environment")
+    s.add_argument("ref", nargs="?")
+    s.set_defaults(func=cmd_shell)
+    s = sub.add_parser("pin", parents=[common], help="write provision.pin for a source tree")
+    s.add_argument("ref")
+    s.add_argument("--file", help=f"pin file to write (default: ./{'provision.pin'})")
+    s.set_defaults(func=cmd_pin)
+    s = sub.add_parser("list", parents=[common], help="list environments, versions and tags")
+    s.set_defaults(func=cmd_list)
+    return p
+
+
+def _split_run(argv: list[str]) -> tuple[list[str], list[str] | None]:
+    """`run [REF] -- CMD...`: everything after the first -- is the command, untouched."""
+    if argv and argv[0] == "run" and "--" in argv:
+        i = argv.index("--")
+        return argv[:i], argv[i + 1:]
+    return argv, None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    head, command = _split_run(args_list)
+    args = parser().parse_args(head)
+    if command is not None:
+        args.command = command
+    elif getattr(args, "func", None) is cmd_run:
+        cmd = list(args.command)
+        if args.ref and not cmd:
+            print("provision: error: no command given (provision run [REF] -- CMD ...)",
+                  file=sys.stderr)
+            return USAGE_EXIT
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="provision: %(message)s")
+    try:
+        rc: int = args.func(args)
+        return rc
+    except SpecError as e:
+        for line in e.problems:
+            print(f"provision: error: {line}", file=sys.stderr)
+        return 1
+    except ProvisionError as e:
+        print(f"provision: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("provision: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

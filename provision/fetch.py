@@ -1,0 +1,68 @@
+"""Consumer stage: reference -> verified, unpacked root in a per-digest cache directory.
+
+The root becomes visible (an atomic rename) only after its archive matched its digest and
+passed the hostile-member checks; a second fetch of the same digest does nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from provision.cache import default_cache_dir
+from provision.errors import ProvisionError
+from provision.index import Ref
+from provision.pin import find_pin, read_pin
+from provision.store import Store, open_store
+from provision.unpack import unpack
+
+
+@dataclass(frozen=True)
+class Fetched:
+    name: str
+    digest: str
+    root: Path
+    store: str
+    cached: bool
+
+
+def roots_dir(cache_dir: Path | None = None) -> Path:
+    return (cache_dir or default_cache_dir()) / "roots"
+
+
+def root_path(digest: str, cache_dir: Path | None = None) -> Path:
+    return roots_dir(cache_dir) / digest.replace(":", "-")
+
+
+def resolve_target(ref: Ref | None, store_url: str | None) -> tuple[Ref, Store]:
+    """A reference and its store: given explicitly, or read from the pin file."""
+    if ref is not None:
+        return ref, open_store(store_url)
+    pin_path = find_pin()
+    if pin_path is None:
+        raise ProvisionError("no environment given and no provision.pin here or above "
+                             "(run `provision pin NAME` first)")
+    pin = read_pin(pin_path)
+    return pin.ref, open_store(store_url or pin.store)
+
+
+def fetch(ref: Ref, store: Store, *, cache_dir: Path | None = None) -> Fetched:
+    _env, version = store.read_index().resolve(ref)
+    digest = version.digest
+    dest = root_path(digest, cache_dir)
+    if dest.is_dir():
+        return Fetched(ref.name, digest, dest, store.url, cached=True)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    local = store.local_path(digest)
+    if local is not None:
+        unpack(local, dest, expected_digest=digest)
+    else:
+        download = dest.parent / f".{dest.name}.download"
+        try:
+            store.get_blob(digest, download, label=f"fetching {ref.name}")
+            unpack(download, dest, expected_digest=digest)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                download.unlink()
+    return Fetched(ref.name, digest, dest, store.url, cached=False)

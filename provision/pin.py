@@ -1,0 +1,59 @@
+"""The pin file: committed in a source tree, it says which environment the tree builds in."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from provision.errors import ProvisionError
+from provision.index import DIGEST_RE, Ref, parse_ref
+
+PIN_FILE = "provision.pin"
+
+
+@dataclass(frozen=True)
+class Pin:
+    name: str
+    digest: str
+    store: str
+
+    @property
+    def ref(self) -> Ref:
+        return Ref(self.name, None, self.digest)
+
+
+def find_pin(start: Path | None = None) -> Path | None:
+    """The nearest pin file in the current directory or above it."""
+    here = (start or Path.cwd()).absolute()
+    for d in (here, *here.parents):
+        if (d / PIN_FILE).is_file():
+            return d / PIN_FILE
+    return None
+
+
+def read_pin(path: Path) -> Pin:
+    try:
+        data = json.loads(path.read_text())
+        pin = Pin(name=data["name"], digest=data["digest"], store=data["store"])
+    except FileNotFoundError:
+        raise ProvisionError(f"{path}: no pin file") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ProvisionError(f"{path}: not a valid pin file ({e!r})") from None
+    parse_ref(pin.name)
+    if not DIGEST_RE.match(pin.digest):
+        raise ProvisionError(f"{path}: digest {pin.digest!r} is not sha256:<hex>")
+    return pin
+
+
+def write_pin(pin: Pin, path: Path) -> None:
+    text = json.dumps({"name": pin.name, "digest": pin.digest, "store": pin.store},
+                      indent=1, sort_keys=True) + "\n"
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.rename(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise ProvisionError(f"cannot write {path}: {e.strerror}") from None
