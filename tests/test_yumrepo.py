@@ -19,15 +19,6 @@ from yumrepo import GPG_KEY_FILENAME, YumRepo, make_gpg_key
 REPO_ID = "provision-test"
 REQUESTED = ("setup", "filesystem", "toybox", "demo-tools")
 
-pytestmark = [
-    pytest.mark.skipif(
-        os.geteuid() != 0, reason="installing into a root (chown, setuid, caps, chroot) needs root"
-    ),
-    pytest.mark.skipif(
-        not all(shutil.which(t) for t in ("dnf", "rpmbuild", "rpmsign", "createrepo_c", "gpg")),
-        reason="needs dnf, rpmbuild, rpmsign, createrepo_c and gpg",
-    ),
-]
 
 DNF_CONF = """\
 [main]
