@@ -271,8 +271,8 @@ def _resolve_deb(spec: Spec, urls: list[str], tmp: Path) -> Lock:
                 if "Date" in f:
                     parsed = email.utils.parsedate_to_datetime(f["Date"])
                     dates.append(int(parsed.timestamp()))
-        for pkgs in sorted(lists.glob(f"{prefix}_dists_*_Packages")):
-            for st in parse_deb822(pkgs.read_text(errors="replace")):
+        for packages_file in sorted(lists.glob(f"{prefix}_dists_*_Packages")):
+            for st in parse_deb822(packages_file.read_text(errors="replace")):
                 k = (st.get("Package", ""), st.get("Version", ""), st.get("Architecture", ""))
                 index.setdefault(k, (st, url, repo.name))
     if not dates:

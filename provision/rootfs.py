@@ -56,7 +56,7 @@ def _bootstrap_deb(lock: Lock, cache: PackageCache, root: Path, work: Path,
                    env: dict[str, str]) -> None:
     repo = make_local_repo(lock, cache, work / "repo")
     names = ",".join(p.name for p in lock.packages)
-    cmd = [
+    cmd: list[str | os.PathLike[str]] = [
         "mmdebstrap", "--mode=root", "--variant=essential", "--format=directory",
         f"--architectures={lock.arch}", f"--include={names}",
         "--aptopt=Acquire::Languages \"none\"", "--quiet",
@@ -104,7 +104,7 @@ def _bootstrap_rpm(spec: Spec, lock: Lock, cache: PackageCache, root: Path, work
     # Debian's rpm keeps its database in ~/.rpmdb unless told otherwise.
     (home / ".rpmmacros").write_text("%_dbpath /var/lib/rpm\n")
     root.mkdir(parents=True, exist_ok=True)
-    cmd = [
+    cmd: list[str | os.PathLike[str]] = [
         "dnf", "-y", "-q", f"--installroot={root}", "-c", work / "dnf.conf",
         f"--setopt=reposdir={reposd}", f"--setopt=cachedir={DNF_CACHE}",
         f"--releasever={spec.releasever or '1'}", f"--forcearch={lock.arch}",

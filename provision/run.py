@@ -46,7 +46,7 @@ def run(
     env: Mapping[str, str] | None = None,
     extra_env: Mapping[str, str] | None = None,
     cwd: Path | None = None,
-    input: bytes | None = None,  # noqa: A002
+    input: bytes | None = None,
     stdout: int | IO[Any] | None = None,
     stderr: int | IO[Any] | None = None,
 ) -> subprocess.CompletedProcess[bytes]:
@@ -69,7 +69,7 @@ def run(
     )
     if check and proc.returncode != 0:
         err = proc.stderr.decode(errors="replace") if isinstance(proc.stderr, bytes) else ""
-        log.error("command failed (exit %d): %s", proc.returncode, shlex.join(argv))
+        log.debug("command failed (exit %d): %s", proc.returncode, shlex.join(argv))
         if err:
             log.debug("%s", err)
         raise CommandFailed(argv, proc.returncode, err)
@@ -105,7 +105,7 @@ def check_returncode(proc: subprocess.Popen[bytes], stderr_text: str = "") -> No
     rc = proc.wait()
     if rc != 0:
         argv = _argv(proc.args if isinstance(proc.args, list) else [str(proc.args)])
-        log.error("command failed (exit %d): %s", rc, shlex.join(argv))
+        log.debug("command failed (exit %d): %s", rc, shlex.join(argv))
         raise CommandFailed(argv, rc, stderr_text)
 
 

@@ -16,13 +16,14 @@ from provision.cli import main
 class Cli:
     """The CLI in-process, with its own store and cache."""
 
-    store: Path | str
+    store: Path | str | None  # None: no --store (the pin's store, or the default)
     cache: Path
     capfd: pytest.CaptureFixture[str]
 
     def __call__(self, *args: str, rc: int = 0) -> tuple[str, str]:
         self.capfd.readouterr()
-        argv = [args[0], "--store", str(self.store), "--cache", str(self.cache), *args[1:]]
+        store = ["--store", str(self.store)] if self.store is not None else []
+        argv = [args[0], *store, "--cache", str(self.cache), *args[1:]]
         got = main(argv)
         out, err = self.capfd.readouterr()
         assert got == rc, f"provision {' '.join(argv)} exited {got}, not {rc}:\n{err}"

@@ -67,7 +67,11 @@ def _publish(args: tuple[str, int]) -> None:
     root, n = args
     store = LocalStore(Path(root))
     for i in range(n * 10, n * 10 + 10):
-        store.update_index(lambda idx, i=i: idx.with_version(f"env{i % 3}", version(i)))
+
+        def add(idx: Index, i: int = i) -> Index:
+            return idx.with_version(f"env{i % 3}", version(i))
+
+        store.update_index(add)
 
 
 def test_concurrent_publishers_lose_no_update(tmp_path: Path) -> None:
@@ -97,6 +101,5 @@ def test_a_store_served_over_http_is_a_read_only_store(tmp_path: Path) -> None:
         with pytest.raises(StoreError, match="no blob"):
             remote.get_blob("sha256:" + "0" * 64, tmp_path / "none")
         assert not (tmp_path / "none").exists()
-    with HttpServer(tmp_path) as srv:
-        with pytest.raises(StoreError, match="not a store"):
-            open_store(srv.url).read_index()
+    with HttpServer(tmp_path) as srv, pytest.raises(StoreError, match="not a store"):
+        open_store(srv.url).read_index()

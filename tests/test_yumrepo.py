@@ -7,7 +7,6 @@ HTTP on 127.0.0.1. Needs: rpm, rpmbuild, rpmsign, createrepo_c, gpg, dnf, busybo
 from __future__ import annotations
 
 import os
-import shutil
 import stat
 import subprocess
 from dataclasses import dataclass

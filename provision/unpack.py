@@ -1,0 +1,396 @@
+"""Safe, atomic extraction of archives written by provision.archive.
+
+`unpack` hashes the archive (when a digest is promised), then streams the decompressed tar
+through `tarfile` to refuse hostile members before GNU tar sees a byte, then extracts with GNU
+tar into a fresh temporary directory next to `dest` and renames it into place. The archive is
+opened once and all three passes read the same open file, so it cannot be swapped in between.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import tarfile
+import tempfile
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import IO, cast
+
+from provision.archive import TAR_ENV, Compression, tar_error_line
+from provision.errors import ArchiveError, CommandFailed, DigestMismatch
+from provision.run import check_returncode, popen, run
+
+log = logging.getLogger("provision.unpack")
+
+CHUNK = 1 << 20
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+_XZ_MAGIC = b"\xfd7zXZ\x00"
+# After the end-of-archive marker only zero padding may follow (GNU tar pads to its record
+# size, 10 KiB by default); more than this is refused rather than read forever.
+_MAX_TRAILER = 1 << 20
+# tarfile reads ahead by at most one record (10 KiB); keep a little more than that.
+_KEEP_TAIL = 64 << 10
+_DRAIN_LIMIT = 16 << 20
+
+TAR_EXTRACT_FLAGS = (
+    "--xattrs",
+    "--xattrs-include=*",
+    "--numeric-owner",
+    "--same-owner",
+    "--same-permissions",
+    "--sparse",
+    "--delay-directory-restore",
+)
+
+
+def _decompress_argv(compression: Compression) -> list[str]:
+    if compression is Compression.ZSTD:
+        return ["zstd", "-d", "-c", "-q"]
+    return ["xz", "-d", "-c", "-q", "--memlimit-decompress=1GiB"]
+
+
+def detect_compression(path: Path) -> Compression:
+    """The compression of the archive at `path`, by its magic bytes."""
+    try:
+        with path.open("rb", buffering=0) as f:
+            return _detect(f, path)
+    except OSError as e:
+        raise ArchiveError(f"cannot read {path}: {e.strerror or e}") from e
+
+
+def _detect(f: IO[bytes], label: Path) -> Compression:
+    magic = f.read(6)
+    f.seek(0)
+    if magic.startswith(_ZSTD_MAGIC):
+        return Compression.ZSTD
+    if magic.startswith(_XZ_MAGIC):
+        return Compression.XZ
+    raise ArchiveError(f"{label}: not a zstd or xz archive (magic bytes {magic[:6].hex()})")
+
+
+def check_members(archive: Path) -> int:
+    """Refuse an archive with a hostile member, or whose stream is corrupt or truncated.
+    Returns the number of members."""
+    try:
+        with archive.open("rb", buffering=0) as f:
+            return _check_stream(f, _detect(f, archive), archive)
+    except OSError as e:
+        raise ArchiveError(f"cannot read {archive}: {e.strerror or e}") from e
+
+
+def unpack(archive: Path, dest: Path, *, expected_digest: str | None = None) -> None:
+    """Extract `archive` to `dest`, atomically; if `dest` exists already, do nothing.
+
+    Raises DigestMismatch when the archive does not have `expected_digest` ("sha256:<hex>"),
+    ArchiveError when it is hostile, corrupt or cannot be extracted; nothing is left behind.
+    """
+    if os.path.lexists(dest):
+        log.debug("%s exists; not unpacking %s", dest, archive)
+        return
+    if expected_digest is not None and not expected_digest.startswith("sha256:"):
+        raise ArchiveError(f"unsupported digest {expected_digest!r} (expected sha256:<hex>)")
+    try:
+        f = archive.open("rb", buffering=0)  # unbuffered: seek(0) must move the fd
+    except OSError as e:
+        raise ArchiveError(f"cannot read {archive}: {e.strerror or e}") from e
+    with f:
+        try:
+            if expected_digest is not None:
+                got = _sha256(f)
+                if got != expected_digest:
+                    raise DigestMismatch(f"{archive}: digest mismatch: expected {expected_digest}, got {got}")
+            compression = _detect(f, archive)
+            count = _check_stream(f, compression, archive)
+            f.seek(0)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ArchiveError(f"cannot read {archive}: {e.strerror or e}") from e
+        _extract_atomically(f, compression, archive, dest)
+    log.info("unpacked %s (%d members) to %s", archive, count, dest)
+
+
+def _sha256(f: IO[bytes]) -> str:
+    f.seek(0)
+    sha = hashlib.sha256()
+    while chunk := f.read(CHUNK):
+        sha.update(chunk)
+    f.seek(0)
+    return f"sha256:{sha.hexdigest()}"
+
+
+def _extract_atomically(f: IO[bytes], compression: Compression, archive: Path, dest: Path) -> None:
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    except OSError as e:
+        raise ArchiveError(f"cannot create a directory next to {dest}: {e.strerror or e}") from e
+    try:
+        _extract(f, compression, tmp)
+        # Make the tree durable before it becomes visible under its final name: a store
+        # never looks at a `dest` that exists again.
+        run(["sync", "--file-system", tmp], capture=True)
+        try:
+            os.rename(tmp, dest)
+        except OSError as e:
+            if e.errno not in (errno.EEXIST, errno.ENOTEMPTY) or not dest.is_dir():
+                raise
+            log.debug("%s appeared while unpacking; keeping it", dest)
+            _remove_tree(tmp)
+            return
+        _fsync_dir(dest.parent)
+    except BaseException as e:
+        _remove_tree(tmp)
+        if isinstance(e, ArchiveError):
+            raise
+        if isinstance(e, CommandFailed):
+            raise ArchiveError(f"cannot unpack {archive}: {e}") from e
+        if isinstance(e, OSError):
+            raise ArchiveError(f"cannot unpack {archive} to {dest}: {e.strerror or e}") from e
+        raise
+
+
+def _extract(f: IO[bytes], compression: Compression, tmp: Path) -> None:
+    tar_argv = ["tar", "--extract", "--file=-", *TAR_EXTRACT_FLAGS, f"--directory={tmp}"]
+    procs: list[subprocess.Popen[bytes]] = []
+    with tempfile.TemporaryFile() as dec_err, tempfile.TemporaryFile() as tar_err:
+        try:
+            dec = popen(_decompress_argv(compression), stdin=f, stdout=subprocess.PIPE, stderr=dec_err)
+            procs.append(dec)
+            tar = popen(tar_argv, stdin=dec.stdout, stderr=tar_err, extra_env=TAR_ENV)
+            procs.append(tar)
+            assert dec.stdout is not None
+            dec.stdout.close()  # tar holds it now; a dead tar must give zstd/xz a SIGPIPE
+            tar.wait()
+            # A decompressor killed by SIGPIPE only means tar stopped reading: tar says why.
+            if dec.wait() != -signal.SIGPIPE:
+                check_returncode(dec, _text(dec_err))
+            check_returncode(tar, tar_error_line(_text(tar_err)))
+        finally:
+            _stop(procs)
+
+
+class _BadStream(Exception):
+    """The decompressed bytes are not a well-formed tar stream (reported as ArchiveError)."""
+
+
+def _check_stream(f: IO[bytes], compression: Compression, label: Path) -> int:
+    f.seek(0)
+    dec_argv = _decompress_argv(compression)
+    with tempfile.TemporaryFile() as dec_err:
+        dec = popen(dec_argv, stdin=f, stdout=subprocess.PIPE, stderr=dec_err)
+        try:
+            assert dec.stdout is not None
+            reader = _TrackingReader(dec.stdout)
+            checker = _MemberChecker(label)
+            try:
+                with tarfile.open(fileobj=cast(IO[bytes], reader), mode="r|") as tf:
+                    for member in tf:
+                        checker.check(member)  # a hostile member raises ArchiveError at once
+                    stop = tf.offset
+                reader.expect_end_of_archive(stop)
+            except (_BadStream, tarfile.TarError, EOFError, OSError, UnicodeError, ValueError) as e:
+                # Usually the tar stream broke off because the decompressor failed: let its
+                # message win if so.
+                if not reader.drain(_DRAIN_LIMIT):
+                    dec.kill()
+                dec.wait()
+                _raise_decompressor_failure(dec, dec_err, compression, label)
+                raise ArchiveError(f"{label}: not a valid tar stream: {e}") from None
+            dec.wait()  # its output was read to the end
+            _raise_decompressor_failure(dec, dec_err, compression, label)
+            return checker.count
+        finally:
+            _stop([dec])
+
+
+def _raise_decompressor_failure(
+    dec: subprocess.Popen[bytes], err: IO[bytes], compression: Compression, label: Path
+) -> None:
+    if dec.returncode != 0:
+        lines = _text(err).strip().splitlines()
+        why = lines[-1] if lines else f"exit code {dec.returncode}"
+        raise ArchiveError(f"{label}: corrupt or truncated {compression} stream: {why}")
+
+
+def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            with contextlib.suppress(OSError):
+                proc.kill()
+    for proc in procs:
+        proc.wait()
+        for pipe in (proc.stdin, proc.stdout):
+            if pipe is not None:
+                with contextlib.suppress(OSError):
+                    pipe.close()
+
+
+def _text(f: IO[bytes]) -> str:
+    f.seek(0)
+    return f.read().decode(errors="replace")
+
+
+def _remove_tree(path: Path) -> None:
+    def onerror(func: object, p: str, exc: object) -> None:
+        log.warning("cannot remove %s while cleaning up", p)
+
+    shutil.rmtree(path, onerror=onerror)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with contextlib.suppress(OSError):
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _TrackingReader:
+    """A read-only file object over a pipe that counts bytes and keeps the last few."""
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        self._raw = raw
+        self.total = 0
+        self._tail = bytearray()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._raw.read(size)
+        self.total += len(data)
+        self._tail += data
+        if len(self._tail) > _KEEP_TAIL:
+            del self._tail[: len(self._tail) - _KEEP_TAIL]
+        return data
+
+    def drain(self, limit: int) -> bool:
+        """Read and discard up to `limit` bytes; True if the pipe reached its end."""
+        left = limit
+        while data := self._raw.read(min(CHUNK, left)):
+            left -= len(data)
+            if left <= 0:
+                return False
+        return True
+
+    def expect_end_of_archive(self, stop: int) -> None:
+        """tarfile quietly ends at the first block that is not a valid header, and at the end
+        of its input. Require that block to start a real end-of-archive marker (two zero
+        blocks) followed by nothing but zero padding: GNU tar would read on past it."""
+        consumed = self.total - stop
+        if consumed < 0:
+            raise _BadStream(f"member data ends early, at offset {self.total}")
+        if consumed > len(self._tail):
+            raise _BadStream(f"cannot check the tar stream after offset {stop}")
+        if consumed and self._tail[len(self._tail) - consumed :].strip(b"\0"):
+            raise _BadStream(f"corrupt tar header at offset {stop}")
+        zeros = consumed
+        while data := self._raw.read(CHUNK):
+            zeros += len(data)
+            if data.strip(b"\0"):
+                raise _BadStream(f"corrupt tar header or data after offset {stop}")
+            if zeros > _MAX_TRAILER:
+                raise _BadStream(f"more than {_MAX_TRAILER} bytes after the end of the archive")
+        if zeros < 2 * tarfile.BLOCKSIZE:
+            raise _BadStream(f"no end-of-archive marker at offset {stop}")
+
+
+class Kind(StrEnum):
+    FILE = "regular file"
+    DIR = "directory"
+    SYMLINK = "symlink"
+    CHAR = "character device"
+    BLOCK = "block device"
+    FIFO = "fifo"
+
+
+_KINDS: dict[bytes, Kind] = {
+    **{t: Kind.FILE for t in tarfile.REGULAR_TYPES},
+    tarfile.DIRTYPE: Kind.DIR,
+    tarfile.SYMTYPE: Kind.SYMLINK,
+    tarfile.CHRTYPE: Kind.CHAR,
+    tarfile.BLKTYPE: Kind.BLOCK,
+    tarfile.FIFOTYPE: Kind.FIFO,
+}
+
+
+def _parts(name: str) -> tuple[str, ...]:
+    return tuple(p for p in name.split("/") if p not in ("", "."))
+
+
+@dataclass
+class _MemberChecker:
+    label: Path
+    count: int = 0
+    kinds: dict[tuple[str, ...], Kind] = field(default_factory=dict)
+
+    def refuse(self, name: str, reason: str) -> ArchiveError:
+        return ArchiveError(f"{self.label}: refusing member {name!r}: {reason}")
+
+    def check(self, m: tarfile.TarInfo) -> None:
+        name = m.name
+        if "\0" in name or "\0" in m.linkname:
+            raise self.refuse(name, "NUL byte in name or link target")
+        if name.startswith("/"):
+            raise self.refuse(name, "absolute path")
+        parts = _parts(name)
+        if ".." in parts:
+            raise self.refuse(name, "'..' component")
+        for i in range(1, len(parts)):
+            above = self.kinds.get(parts[:i])
+            if above is Kind.SYMLINK:
+                raise self.refuse(name, f"path goes through symlink {'/'.join(parts[:i])!r}")
+            if above is not None and above is not Kind.DIR:
+                raise self.refuse(name, f"parent {'/'.join(parts[:i])!r} is a {above}")
+            if above is None:  # tar creates it: a later symlink there would change its type
+                self.kinds[parts[:i]] = Kind.DIR
+        if m.type == tarfile.LNKTYPE:
+            kind = self._hardlink_kind(m, parts)
+        elif m.type in _KINDS:
+            kind = _KINDS[m.type]
+        else:
+            raise self.refuse(name, f"unsupported member type {m.type!r}")
+        if kind is Kind.SYMLINK and m.type == tarfile.SYMTYPE:
+            self._check_symlink(m, parts)
+        if not parts and kind is not Kind.DIR:
+            raise self.refuse(name, f"the archive root is a {kind}, not a directory")
+        before = self.kinds.get(parts)
+        if before is not None and before is not kind:
+            raise self.refuse(name, f"duplicate name changes type from {before} to {kind}")
+        self.kinds[parts] = kind
+        self.count += 1
+
+    def _hardlink_kind(self, m: tarfile.TarInfo, parts: tuple[str, ...]) -> Kind:
+        target = m.linkname
+        if target.startswith("/"):
+            raise self.refuse(m.name, f"hardlink target {target!r} is absolute")
+        tparts = _parts(target)
+        if ".." in tparts:
+            raise self.refuse(m.name, f"hardlink target {target!r} has a '..' component")
+        if tparts == parts:
+            raise self.refuse(m.name, "hardlink to itself")
+        kind = self.kinds.get(tparts)
+        if kind is None:
+            raise self.refuse(m.name, f"hardlink target {target!r} is not an earlier member")
+        if kind is Kind.DIR:
+            raise self.refuse(m.name, f"hardlink target {target!r} is a directory")
+        # A hardlink to a symlink is a symlink: nothing may be written through it either.
+        return kind
+
+    def _check_symlink(self, m: tarfile.TarInfo, parts: tuple[str, ...]) -> None:
+        target = m.linkname
+        if not target:
+            raise self.refuse(m.name, "empty symlink target")
+        if target.startswith("/"):
+            return  # resolves inside the root once the tree is a chroot
+        depth = len(parts) - 1  # the link's directory, relative to the root
+        for comp in target.split("/"):
+            if comp in ("", "."):
+                continue
+            depth = depth - 1 if comp == ".." else depth + 1
+            if depth < 0:
+                raise self.refuse(m.name, f"symlink target {target!r} climbs above the root")
