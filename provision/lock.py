@@ -145,7 +145,7 @@ def read_lock(path: Path) -> Lock:
             packages=tuple(LockedPackage(**p) for p in data["packages"]),
         )
     except (KeyError, TypeError, ValueError) as e:
-        raise LockError(f"{path}: malformed lock file ({e!r})") from None
+        raise LockError(f"{path}: malformed lock file ({e!r}); make it again with --relock") from None
 
 
 def write_lock(lock: Lock, path: Path) -> None:
