@@ -18,7 +18,6 @@ import signal
 import subprocess
 import tarfile
 import tempfile
-from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import IO, cast
@@ -109,7 +108,6 @@ def unpack(archive: Path, dest: Path, *, expected_digest: str | None = None) -> 
             compression = _detect(f, archive)
             count = _check_stream(f, compression, archive)
             f.seek(0)
-            dest.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise ArchiveError(f"cannot read {archive}: {e.strerror or e}") from e
         _extract_atomically(f, compression, archive, dest)
@@ -127,6 +125,7 @@ def _sha256(f: IO[bytes]) -> str:
 
 def _extract_atomically(f: IO[bytes], compression: Compression, archive: Path, dest: Path) -> None:
     try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     except OSError as e:
         raise ArchiveError(f"cannot create a directory next to {dest}: {e.strerror or e}") from e
@@ -322,11 +321,14 @@ def _parts(name: str) -> tuple[str, ...]:
     return tuple(p for p in name.split("/") if p not in ("", "."))
 
 
-@dataclass
 class _MemberChecker:
-    label: Path
-    count: int = 0
-    kinds: dict[tuple[str, ...], Kind] = field(default_factory=dict)
+    """Sees the members in archive order and refuses the first hostile one."""
+
+    def __init__(self, label: Path) -> None:
+        self.label = label
+        self.count = 0
+        # What each path is after the members so far (parents tar creates count as dirs).
+        self.kinds: dict[tuple[str, ...], Kind] = {}
 
     def refuse(self, name: str, reason: str) -> ArchiveError:
         return ArchiveError(f"{self.label}: refusing member {name!r}: {reason}")
