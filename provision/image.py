@@ -124,6 +124,8 @@ def make_bootable_disk(
                  "extlinux", "qemu-img"):
         run.require(tool)
     dest = dest.absolute()
+    if dest.parent.resolve().is_relative_to(root.resolve()):
+        raise ImageError(f"cannot make {dest} inside the root it is made of ({root})")
     if fs_uuid is None:
         kernels = sorted(p.name for p in (root / "boot").glob("vmlinuz-*"))
         fs_uuid = uuid.uuid5(_UUID_NAMESPACE, "\n".join([hostname, str(size_mib), *kernels]))
@@ -209,7 +211,11 @@ def _add_partition(loop: str, partition: int) -> Path:
 
 
 def _detach(loop: str) -> None:
-    for argv in (["partx", "--delete", loop], ["losetup", "--detach", loop]):
+    name = Path(loop).name
+    steps = [["losetup", "--detach", loop]]
+    if list(Path("/sys/block", name).glob(f"{name}p*")):
+        steps.insert(0, ["partx", "--delete", loop])
+    for argv in steps:
         for attempt in range(5):
             proc = run.run(argv, check=False, capture=True)
             if proc.returncode == 0:
@@ -288,28 +294,47 @@ def copy_tree(src: Path, dst: Path) -> None:
                f"--directory={dst}"]
     env = {"LC_ALL": "C.UTF-8"}
     with tempfile.TemporaryFile() as err_c, tempfile.TemporaryFile() as err_x:
-        producer = run.popen(create, extra_env=env, stdout=subprocess.PIPE, stderr=err_c,
-                             stdin=subprocess.DEVNULL)
-        assert producer.stdout is not None
+        procs: list[subprocess.Popen[bytes]] = []
         try:
-            consumer = run.popen(extract, extra_env=env, stdin=producer.stdout, stderr=err_x,
-                                 stdout=subprocess.DEVNULL)
-        except BaseException:
-            producer.kill()
-            producer.wait()
-            raise
-        finally:
-            producer.stdout.close()
-        rx, rc = consumer.wait(), producer.wait()
-        if rx != 0:  # the extracting side's error is the cause; the other then dies of SIGPIPE
-            run.check_returncode(consumer, _tail(err_x))
-        if rc != 0:
-            run.check_returncode(producer, _tail(err_c))
+            producer = run.popen(create, extra_env=env, stdout=subprocess.PIPE, stderr=err_c,
+                                 stdin=subprocess.DEVNULL)
+            procs.append(producer)
+            assert producer.stdout is not None
+            try:
+                procs.append(run.popen(extract, extra_env=env, stdin=producer.stdout, stderr=err_x,
+                                       stdout=subprocess.DEVNULL))
+            finally:
+                producer.stdout.close()
+            codes = [p.wait() for p in procs]
+        finally:  # an error or an interrupt: no tar may go on writing into `dst`
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                p.wait()
+        # The extracting side's error is the cause; the creating side then dies of SIGPIPE.
+        for code, err, what in ((codes[1], err_x, "writing"), (codes[0], err_c, "reading")):
+            if code != 0:
+                reason = _tar_error(err)
+                if what == "writing" and _full(dst):
+                    reason = f"no space left on the disk (make it bigger) - {reason}"
+                raise ImageError(f"copying {src} failed ({what}): {reason}")
+
+
+def _full(path: Path) -> bool:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize < (1 << 20) or st.f_favail == 0
+
+
+def _tar_error(f: IO[bytes]) -> str:
+    """tar's first real complaint (its last line is only 'Exiting with failure status')."""
+    lines = [ln.strip() for ln in _tail(f).splitlines() if ln.strip()]
+    useful = [ln for ln in lines if "Exiting with failure status" not in ln]
+    return (useful or lines or ["tar failed"])[0]
 
 
 def _tail(f: IO[bytes]) -> str:
     f.seek(0)
-    return f.read().decode(errors="replace")[-4000:]
+    return f.read(64 * 1024).decode(errors="replace")
 
 
 def _write_mbr(raw: Path, mbr: Path) -> None:

@@ -16,3 +16,11 @@ def yum_repo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[YumRepo
     repo = build_yum_repo(tmp_path_factory.mktemp("yumrepo"))
     with HttpServer(repo.path) as server:
         yield repo, server.url
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """The suite builds roots, mounts and chroots: it runs as root, or not at all (never a skip)."""
+    import os
+
+    if os.geteuid() != 0:
+        pytest.exit("the test suite needs root (it builds roots, mounts and chroots)", returncode=2)

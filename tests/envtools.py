@@ -29,6 +29,11 @@ class Cli:
         assert got == rc, f"provision {' '.join(argv)} exited {got}, not {rc}:\n{err}"
         return out, err
 
+    @property
+    def store_path(self) -> Path:
+        assert isinstance(self.store, Path)
+        return self.store
+
     def json(self, *args: str) -> dict[str, Any]:
         out, _ = self(*args, "--json")
         data: dict[str, Any] = json.loads(out)

@@ -103,6 +103,8 @@ def _snapshot(root: Path) -> dict[str, tuple[int, int, int, int]]:
     return out
 
 
+@pytest.mark.mirror
+@pytest.mark.slow
 def test_disk_is_a_qcow2(disk: DiskImage) -> None:
     assert disk.format == "qcow2"
     assert disk.virtual_size == 3072 << 20
@@ -111,6 +113,8 @@ def test_disk_is_a_qcow2(disk: DiskImage) -> None:
     assert not [p for p in disk.path.parent.iterdir() if p != disk.path], "work files left beside dest"
 
 
+@pytest.mark.mirror
+@pytest.mark.slow
 def test_mounted_image_keeps_metadata(disk: DiskImage, bootable_root: Path) -> None:
     with mounted_image(disk.path) as mnt:
         assert os.path.ismount(mnt)
@@ -158,6 +162,8 @@ def _group_name(root: Path, gid: int) -> str:
     return ""
 
 
+@pytest.mark.mirror
+@pytest.mark.slow
 def test_extract_path_refuses_escapes(disk: DiskImage) -> None:
     with mounted_image(disk.path) as mnt:
         assert image_path(mnt, "/usr/share") == mnt / "usr/share"
@@ -248,11 +254,15 @@ def test_kvm_probe_answers_quickly() -> None:
     print(f"\n[test_image] kvm_usable() = {usable}")
 
 
+@pytest.mark.mirror
+@pytest.mark.slow
 def test_boots_to_ssh_with_sudo(booted: Booted, bootable_root: Path) -> None:
     version = sorted(p.name[len("vmlinuz-"):] for p in (bootable_root / "boot").glob("vmlinuz-*"))[-1]
     assert booted.ssh_output.strip() == version
 
 
+@pytest.mark.mirror
+@pytest.mark.slow
 def test_tree_built_in_guest_is_extracted_without_booting(booted: Booted, disk: DiskImage,
                                                           work: Path) -> None:
     archive = work / "chroot.tar.zst"
@@ -303,6 +313,19 @@ def test_root_without_kernel_fails_and_leaves_nothing(tmp_path: Path) -> None:
     assert not _our_loops(tmp_path) and not _our_mounts(tmp_path)
 
 
+def test_full_disk_fails_mid_copy_and_leaves_nothing(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "big").write_bytes(os.urandom(80 << 20))  # does not fit on a 64 MiB disk
+    out = tmp_path / "out"
+    dest = out / "disk.qcow2"
+    with pytest.raises(ImageError, match="no space left on the disk") as err:
+        make_bootable_disk(root, dest, size_mib=64)
+    assert "\n" not in str(err.value)
+    assert list(out.iterdir()) == []
+    assert not _our_loops(tmp_path) and not _our_mounts(tmp_path)
+
+
 def test_invalid_arguments_are_one_line_errors(tmp_path: Path) -> None:
     with pytest.raises(ImageError, match="hostname"):
         make_bootable_disk(tmp_path, tmp_path / "d.qcow2", hostname="bad host")
@@ -310,6 +333,10 @@ def test_invalid_arguments_are_one_line_errors(tmp_path: Path) -> None:
         make_bootable_disk(tmp_path, tmp_path / "d.qcow2", user="root")
     with pytest.raises(ImageError, match="one line"):
         make_bootable_disk(tmp_path, tmp_path / "d.qcow2", authorized_key="ssh-ed25519 A\nssh-rsa B")
+    (tmp_path / "root").mkdir()
+    with pytest.raises(ImageError, match="inside the root"):
+        make_bootable_disk(tmp_path / "root", tmp_path / "root/out/d.qcow2")
+    (tmp_path / "root").rmdir()
     with pytest.raises(ImageError, match="not a directory"):
         make_bootable_disk(tmp_path / "nope", tmp_path / "d.qcow2")
     assert list(tmp_path.iterdir()) == []

@@ -89,7 +89,7 @@ def test_build_twice_same_digest_then_fetch_run_pin(yum_repo: tuple[YumRepo, str
     assert one["digest"] == two["digest"]
     assert one["digest"].startswith("sha256:") and one["size"] > 0 and one["name"] == "toy"
     assert one["tar_sha256"] == two["tar_sha256"]
-    store = LocalStore(Path(cli.store))
+    store = LocalStore(cli.store_path)
     assert store.has_blob(one["digest"]) and store.has_blob(one["lock_digest"])
     index = store.read_index()
     v = index.environments["toy"].version(one["digest"])
@@ -144,7 +144,7 @@ def test_build_twice_same_digest_then_fetch_run_pin(yum_repo: tuple[YumRepo, str
     assert "toy" in out and one["digest"][:19] in out
 
     # the same store served read-only over HTTP is a store for consumers
-    with HttpServer(Path(cli.store)) as srv:
+    with HttpServer(cli.store_path) as srv:
         got2 = Cli(srv.url, tmp_path / "cache3", capfd).json("fetch", "toy")
         assert got2["digest"] == one["digest"] and Path(got2["root"]).is_dir()
 
@@ -158,7 +158,7 @@ def test_stale_lock_is_refused_until_relocked(yum_repo: tuple[YumRepo, str], tmp
                                              "packages: [demo-tools, extra-tool]"))
     _, err = cli("build", str(spec), rc=1)
     assert "no longer matches" in err and "--relock" in err
-    assert not (Path(cli.store) / "index.json").exists()
+    assert not (cli.store_path / "index.json").exists()
     got = cli.json("build", str(spec), "--relock")
     assert got["packages"] == 5
 
@@ -171,7 +171,7 @@ def test_forbidden_package_fails_the_lock(yum_repo: tuple[YumRepo, str], tmp_pat
     _, err = cli("build", str(spec), rc=1)
     assert "forbidden packages would be included: android-sdk (matches 'android-*')" in err
     assert not spec.with_suffix(".lock").exists()
-    assert not (Path(cli.store) / "index.json").exists()
+    assert not (cli.store_path / "index.json").exists()
 
 
 def test_wrong_signing_key_fails_and_publishes_nothing(yum_repo: tuple[YumRepo, str],
@@ -183,7 +183,7 @@ def test_wrong_signing_key_fails_and_publishes_nothing(yum_repo: tuple[YumRepo, 
     spec = write_spec(tmp_path / "spec", url, key=(keydir / "KEY").as_uri())
     _, err = cli("build", str(spec), rc=1)
     assert err.count("provision: error:") == 1 and "dnf failed: Error: GPG check FAILED" in err
-    blobs = Path(cli.store) / "blobs"
+    blobs = cli.store_path / "blobs"
     assert not blobs.exists() or not [p for p in blobs.rglob("*") if p.is_file()]
     assert not list((cli.cache / "work").iterdir())
     del repo
@@ -211,7 +211,7 @@ def test_corrupt_store_blob_is_refused_and_leaves_nothing(yum_repo: tuple[YumRep
     _repo, url = yum_repo
     spec = write_spec(tmp_path / "spec", url)
     digest = cli.json("build", str(spec))["digest"]
-    blob = Path(cli.store) / "blobs" / "sha256" / digest.split(":")[1]
+    blob = cli.store_path / "blobs" / "sha256" / digest.split(":")[1]
     data = bytearray(blob.read_bytes())
     data[len(data) // 2] ^= 0xFF
     os.chmod(blob, 0o644)
@@ -221,6 +221,47 @@ def test_corrupt_store_blob_is_refused_and_leaves_nothing(yum_repo: tuple[YumRep
     roots = cli.cache / "roots"
     assert not roots.exists() or not list(roots.iterdir())
     assert not leftovers(cli.cache)
-    shutil.rmtree(Path(cli.store))
+    shutil.rmtree(cli.store_path)
     _, err = cli("fetch", "toy", rc=1)
     assert "no environment named 'toy'" in err
+
+
+def test_fetched_root_is_the_built_root(yum_repo: tuple[YumRepo, str], tmp_path: Path,
+                                        cli: Cli) -> None:
+    """Owners, modes, xattrs/caps, hardlinks and devices survive archive -> store -> fetch."""
+    from treeutil import snapshot
+
+    from provision.build import build
+    from provision.spec import load_spec
+    from provision.store import open_store
+
+    _repo, url = yum_repo
+    spec = write_spec(tmp_path / "spec", url, **{"  - /usr/share/demo/b\n": "  - /nothing\n"})
+    kept = tmp_path / "kept-root"
+    result = build(load_spec(spec), open_store(str(cli.store_path)), cache_dir=cli.cache,
+                   keep_root=kept)
+    root = Path(cli.json("fetch", f"toy@{result.version.digest}")["root"])
+    epoch = result.version.source_date_epoch
+    built = {k: v._replace(mtime=min(v.mtime, epoch)) for k, v in snapshot(kept).items()}
+    fetched = snapshot(root)
+    assert fetched.keys() == built.keys()
+    for path in built:
+        assert fetched[path] == built[path], path
+    assert "usr/share/demo/b" in built["usr/share/demo/a"].hardlinks
+
+
+def test_package_that_does_not_match_its_lock_is_not_cached(yum_repo: tuple[YumRepo, str],
+                                                            tmp_path: Path, cli: Cli) -> None:
+    _repo, url = yum_repo
+    spec = write_spec(tmp_path / "spec", url)
+    cli("lock", str(spec))
+    lock_path = spec.with_suffix(".lock")
+    text = lock_path.read_text()
+    good = read_lock(lock_path).packages[0].sha256
+    lock_path.write_text(text.replace(good, "0" * 64))
+    _, err = cli("build", str(spec), rc=1)
+    assert f"expected sha256:{'0' * 64}, got sha256:{good}" in err
+    cached = [p for p in (cli.cache / "packages").rglob("*") if p.is_file()]
+    assert all(p.name != "0" * 64 for p in cached)
+    assert not leftovers(cli.cache)
+    assert not (cli.store_path / "index.json").exists()
