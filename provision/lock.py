@@ -90,6 +90,7 @@ class Lock:
     repos: tuple[LockedRepo, ...]
     keys: tuple[LockedKey, ...] = ()
     suite: str | None = None
+    vm_packages: tuple[LockedPackage, ...] = ()  # the builder machine's root (deb only)
 
     def urls(self, env: dict[str, str] | None = None) -> dict[str, str]:
         """Each repo's base URL, with ${VAR} expanded now (on this machine)."""
@@ -114,6 +115,10 @@ class Lock:
                 {k: v for k, v in asdict(p).items() if v is not None} for p in self.packages
             ],
         }
+        if self.vm_packages:
+            data["vm_packages"] = [
+                {k: v for k, v in asdict(p).items() if v is not None} for p in self.vm_packages
+            ]
         return json.dumps(data, indent=1, sort_keys=True) + "\n"
 
     def digest(self) -> str:
@@ -143,6 +148,7 @@ def read_lock(path: Path) -> Lock:
             keys=tuple(LockedKey(**k) for k in data["keys"]),
             repos=tuple(LockedRepo(**r) for r in data["repos"]),
             packages=tuple(LockedPackage(**p) for p in data["packages"]),
+            vm_packages=tuple(LockedPackage(**p) for p in data.get("vm_packages", [])),
         )
     except (KeyError, TypeError, ValueError) as e:
         raise LockError(f"{path}: malformed lock file ({e!r}); make it again with --relock") from None
@@ -278,29 +284,36 @@ def _resolve_deb(spec: Spec, urls: list[str], tmp: Path) -> Lock:
     if not dates:
         raise LockError(f"{spec.name}: the repositories' Release files carry no Date")
     wanted = ["?essential", *VARIANT_EXTRA[spec.variant], *spec.packages]
-    try:
-        out = run.output(["apt-get", "install", "-s", "-q", *wanted], extra_env=env)
-    except CommandFailed as e:
-        raise LockError(f"{spec.name}: cannot resolve packages: {_first_error(e.stderr)}") from None
-    pkgs: list[LockedPackage] = []
-    for m in re.finditer(r"^Inst (\S+) (?:\[[^]]*\] )?\((\S+) .*\[(\S+)\]\)", out, re.M):
-        name, version, arch = m.groups()
-        found = index.get((name, version, arch))
-        if found is None:
-            raise LockError(f"{spec.name}: {name} {version} {arch} is not in the fetched indexes")
-        st, _url, repo_name = found
-        if "SHA256" not in st:
-            raise LockError(f"{spec.name}: {name} {version} has no SHA256 in the mirror's index")
-        source = st.get("Source", name).split(" ")[0]
-        pkgs.append(LockedPackage(
-            name=name, version=version, arch=arch, path=st["Filename"],
-            size=int(st["Size"]), sha256=st["SHA256"], source=source, repo=repo_name))
-    if not pkgs:
-        raise LockError(f"{spec.name}: apt resolved no packages")
-    pkgs.sort(key=lambda p: (p.name, p.arch))
+
+    def apt_resolve(names: list[str]) -> tuple[LockedPackage, ...]:
+        try:
+            out = run.output(["apt-get", "install", "-s", "-q", *names], extra_env=env)
+        except CommandFailed as e:
+            raise LockError(f"{spec.name}: cannot resolve packages: {_first_error(e.stderr)}") from None
+        pkgs: list[LockedPackage] = []
+        for m in re.finditer(r"^Inst (\S+) (?:\[[^]]*\] )?\((\S+) .*\[(\S+)\]\)", out, re.M):
+            name, version, arch = m.groups()
+            found = index.get((name, version, arch))
+            if found is None:
+                raise LockError(f"{spec.name}: {name} {version} {arch} is not in the fetched indexes")
+            st, _url, repo_name = found
+            if "SHA256" not in st:
+                raise LockError(f"{spec.name}: {name} {version} has no SHA256 in the mirror's index")
+            source = st.get("Source", name).split(" ")[0]
+            pkgs.append(LockedPackage(
+                name=name, version=version, arch=arch, path=st["Filename"],
+                size=int(st["Size"]), sha256=st["SHA256"], source=source, repo=repo_name))
+        if not pkgs:
+            raise LockError(f"{spec.name}: apt resolved no packages")
+        return tuple(sorted(pkgs, key=lambda p: (p.name, p.arch)))
+
+    pkgs = apt_resolve(wanted)
+    # The builder machine: the same resolution plus what boots (resolved together, so the
+    # environment's packages keep their versions).
+    vm_pkgs = apt_resolve([*wanted, *spec.vm.packages]) if spec.vm else ()
     return Lock(name=spec.name, family=spec.family, arch=spec.arch, spec_digest=spec.digest(),
-                source_date_epoch=max(dates), packages=tuple(pkgs), repos=_locked_repos(spec),
-                suite=spec.repos[0].suite)
+                source_date_epoch=max(dates), packages=pkgs, repos=_locked_repos(spec),
+                suite=spec.repos[0].suite, vm_packages=vm_pkgs)
 
 
 def _quote(s: str) -> str:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from provision import run
 from provision.cache import PackageCache
-from provision.lock import Lock
+from provision.lock import Lock, LockedPackage
 from provision.spec import Family
 
 
@@ -23,19 +23,44 @@ def _link(src: Path, dst: Path) -> None:
         shutil.copyfile(src, dst)
 
 
-def make_local_repo(lock: Lock, cache: PackageCache, dest: Path, repo: str | None = None) -> Path:
-    """Fill `dest` with the locked packages (of one origin repo, if given) and repository
-    metadata; returns `dest`."""
+DEB_DIR = "deb"
+RPM_DIR = "rpm"
+KEYS_DIR = "keys"
+
+
+def make_repo_tree(lock: Lock, cache: PackageCache, dest: Path,
+                   packages: tuple[LockedPackage, ...]) -> Path:
+    """The repository tree a root is bootstrapped from, by a file:// URL on the host or served
+    over HTTP to a builder guest:
+
+        deb/                  a flat apt repository (deb)
+        rpm/<origin repo>/    one yum repository per repo of the spec (rpm)
+        keys/<sha256>         the locked signing keys (rpm)
+    """
+    if lock.family is Family.DEB:
+        make_local_repo(lock, cache, dest / DEB_DIR, packages)
+    else:
+        for name in sorted({p.repo for p in packages}):
+            make_local_repo(lock, cache, dest / RPM_DIR / name,
+                            tuple(p for p in packages if p.repo == name))
+        (dest / KEYS_DIR).mkdir(parents=True, exist_ok=True)
+        for key in lock.keys:
+            _link(cache.ensure_key(key), dest / KEYS_DIR / key.sha256)
+    return dest
+
+
+def make_local_repo(lock: Lock, cache: PackageCache, dest: Path,
+                    packages: tuple[LockedPackage, ...]) -> Path:
+    """Fill `dest` with the given packages and repository metadata; returns `dest`."""
     dest.mkdir(parents=True, exist_ok=True)
-    for p in lock.packages:
-        if repo is None or p.repo == repo:
-            _link(cache.path(p.sha256), dest / p.filename)
+    for p in packages:
+        _link(cache.path(p.sha256), dest / p.filename)
     if lock.family is Family.RPM:
         run.run(["createrepo_c", "--quiet", "--no-database", "--simple-md-filenames", dest],
                 capture=True)
     else:
-        packages = run.output(["apt-ftparchive", "packages", "."], cwd=dest)
-        (dest / "Packages").write_text(packages)
+        index = run.output(["apt-ftparchive", "packages", "."], cwd=dest)
+        (dest / "Packages").write_text(index)
         # mmdebstrap finds the Essential set by suite name: the flat repo must carry it.
         suite = lock.suite or "stable"
         release = run.output(["apt-ftparchive", "-o", f"APT::FTPArchive::Release::Suite={suite}",

@@ -18,8 +18,8 @@ from pathlib import Path
 from provision import run
 from provision.cache import PackageCache
 from provision.errors import CommandFailed, ProvisionError
-from provision.lock import Lock
-from provision.repo import make_local_repo
+from provision.lock import Lock, LockedPackage
+from provision.repo import DEB_DIR, KEYS_DIR, RPM_DIR, make_repo_tree
 from provision.spec import Family, Spec
 
 SOURCES_NOTE = (
@@ -34,14 +34,26 @@ class BuildError(ProvisionError):
 
 def bootstrap(spec: Spec, lock: Lock, cache: PackageCache, root: Path, work: Path) -> None:
     """Populate the empty directory `root` from the cache, exactly with the locked packages."""
+    tree = make_repo_tree(lock, cache, work / "repo", lock.packages)
+    build_root(spec, lock, tree.as_uri(), root, work)
+
+
+def build_root(spec: Spec, lock: Lock, repo_url: str, root: Path, work: Path, *,
+               packages: tuple[LockedPackage, ...] | None = None, configure: bool = True) -> None:
+    """Populate `root` from a repository tree (see repo.make_repo_tree) at `repo_url`: a
+    file:// URL on the host, or http:// when the host serves it to a builder guest. The same
+    code runs in both places, so both give the same root."""
+    pkgs = lock.packages if packages is None else packages
     env = {"SOURCE_DATE_EPOCH": str(lock.source_date_epoch), "LC_ALL": "C.UTF-8", "TZ": "UTC"}
+    work.mkdir(parents=True, exist_ok=True)
     if lock.family is Family.DEB:
-        _bootstrap_deb(lock, cache, root, work, env)
+        _bootstrap_deb(lock, pkgs, repo_url, root, env)
     else:
-        _bootstrap_rpm(spec, lock, cache, root, work, env)
-    check_installed(lock, root)
-    apply_accounts(spec, root)
-    apply_files(spec, root)
+        _bootstrap_rpm(spec, lock, pkgs, repo_url, root, work, env)
+    check_installed(lock.family, pkgs, root)
+    if configure:
+        apply_accounts(spec, root)
+        apply_files(spec, root)
     normalize(root, lock.source_date_epoch)
 
 
@@ -52,15 +64,17 @@ def _err(e: CommandFailed, what: str) -> BuildError:
     return BuildError(f"{what} failed: {hint.strip() or e}")
 
 
-def _bootstrap_deb(lock: Lock, cache: PackageCache, root: Path, work: Path,
+def _bootstrap_deb(lock: Lock, pkgs: tuple[LockedPackage, ...], repo_url: str, root: Path,
                    env: dict[str, str]) -> None:
-    repo = make_local_repo(lock, cache, work / "repo")
-    names = ",".join(p.name for p in lock.packages)
+    names = ",".join(p.name for p in pkgs)
+    # mmdebstrap copies file:// packages into the root only when told to (copy://).
+    url = "copy://" + repo_url.removeprefix("file://") if repo_url.startswith("file://") \
+        else repo_url
     cmd: list[str | os.PathLike[str]] = [
         "mmdebstrap", "--mode=root", "--variant=essential", "--format=directory",
         f"--architectures={lock.arch}", f"--include={names}",
         "--aptopt=Acquire::Languages \"none\"", "--quiet",
-        lock.suite or "stable", root, f"deb [trusted=yes] copy://{repo} ./",
+        lock.suite or "stable", root, f"deb [trusted=yes] {url}/{DEB_DIR} ./",
     ]
     try:
         run.run(cmd, capture=True, extra_env=env)
@@ -81,22 +95,21 @@ logdir=/var/log
 """
 
 
-def _bootstrap_rpm(spec: Spec, lock: Lock, cache: PackageCache, root: Path, work: Path,
-                   env: dict[str, str]) -> None:
+def _bootstrap_rpm(spec: Spec, lock: Lock, pkgs: tuple[LockedPackage, ...], repo_url: str,
+                   root: Path, work: Path, env: dict[str, str]) -> None:
     reposd = work / "repos.d"
     reposd.mkdir(parents=True)
-    repo_names = sorted({p.repo for p in lock.packages})
     verified = {r.name: r.gpgcheck for r in spec.repos}
-    for name in repo_names:
-        path = make_local_repo(lock, cache, work / "repos" / name, repo=name)
-        keys = [cache.ensure_key(k) for k in lock.keys if k.repo == name]
+    for name in sorted({p.repo for p in pkgs}):
+        keys = [f"{repo_url}/{KEYS_DIR}/{k.sha256}" for k in lock.keys if k.repo == name]
         gpg = verified.get(name, True)
         if gpg and not keys:
             raise BuildError(f"repo {name} checks signatures but the lock has no key for it")
-        lines = [f"[local-{name}]", f"name=local copy of {name}", f"baseurl=file://{path}",
+        lines = [f"[local-{name}]", f"name=local copy of {name}",
+                 f"baseurl={repo_url}/{RPM_DIR}/{name}",
                  f"gpgcheck={1 if gpg else 0}", "repo_gpgcheck=0", "enabled=1"]
         if keys:
-            lines.append("gpgkey=" + " ".join(f"file://{k}" for k in keys))
+            lines.append("gpgkey=" + " ".join(keys))
         (reposd / f"{name}.repo").write_text("\n".join(lines) + "\n")
     (work / "dnf.conf").write_text(DNF_CONF)
     home = work / "home"
@@ -109,7 +122,7 @@ def _bootstrap_rpm(spec: Spec, lock: Lock, cache: PackageCache, root: Path, work
         f"--setopt=reposdir={reposd}", f"--setopt=cachedir={DNF_CACHE}",
         f"--releasever={spec.releasever or '1'}", f"--forcearch={lock.arch}",
         "--disableplugin=*", "install",
-        *(f"{p.name}-{p.evr}.{p.arch}" for p in lock.packages),
+        *(f"{p.name}-{p.evr}.{p.arch}" for p in pkgs),
     ]
     try:
         run.run(cmd, capture=True, extra_env={**env, "HOME": str(home)})
@@ -143,9 +156,9 @@ def installed(family: Family, root: Path) -> set[str]:
     return {ln for ln in out.splitlines() if ln and not ln.startswith("gpg-pubkey ")}
 
 
-def check_installed(lock: Lock, root: Path) -> None:
-    want = {p.line() for p in lock.packages}
-    got = installed(lock.family, root)
+def check_installed(family: Family, pkgs: tuple[LockedPackage, ...], root: Path) -> None:
+    want = {p.line() for p in pkgs}
+    got = installed(family, root)
     if want != got:
         extra = sorted(got - want)[:5]
         missing = sorted(want - got)[:5]
@@ -311,3 +324,41 @@ def _rmtree(path: Path) -> None:
         shutil.rmtree(path)
     except OSError as e:
         print(f"provision: warning: could not remove {path}: {e}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python3 -m provision.rootfs`: the stage on its own, as the chroot role runs it inside a
+    builder guest (packages served by the host at --repo-url)."""
+    import argparse
+
+    from provision.lock import read_lock
+    from provision.spec import load_spec
+
+    p = argparse.ArgumentParser(prog="provision.rootfs")
+    p.add_argument("--spec", required=True, type=Path)
+    p.add_argument("--lock", required=True, type=Path)
+    p.add_argument("--repo-url", required=True)
+    p.add_argument("--dest", required=True, type=Path)
+    args = p.parse_args(argv)
+    try:
+        spec = load_spec(args.spec)
+        lock = read_lock(args.lock)
+        if not lock.matches(spec):
+            raise BuildError(f"{args.lock} does not match {args.spec}")
+        dest: Path = args.dest
+        if dest.exists():
+            raise BuildError(f"{dest} exists already")
+        tmp = dest.with_name(f".{dest.name}.tmp")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        with scratch(dest.parent / ".work") as work:
+            build_root(spec, lock, args.repo_url.rstrip("/"), tmp, work)
+        os.rename(tmp, dest)
+    except ProvisionError as e:
+        print(f"provision: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

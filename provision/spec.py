@@ -26,6 +26,14 @@ class Family(StrEnum):
     DEB = "deb"
 
 
+class Output(StrEnum):
+    """What a build produces. The chroot archive is always made: it is the primary artifact."""
+
+    CHROOT = "chroot"
+    QCOW2 = "qcow2"
+    VAGRANT = "vagrant"
+
+
 class Variant(StrEnum):
     """What a deb environment starts from before its packages (as mmdebstrap names them)."""
 
@@ -83,6 +91,27 @@ class File:
 
 
 @dataclass(frozen=True)
+class Vm:
+    """The builder machine: the environment's packages plus what boots, in a qcow2 image."""
+
+    packages: tuple[str, ...] = ()
+    disk_mib: int = 8192
+    user: str = "builder"
+    memory_mib: int = 2048
+
+
+@dataclass(frozen=True)
+class Guest:
+    """How the guest is configured: Ansible roles (in ansible/roles) and their variables."""
+
+    roles: tuple[str, ...] = ()
+    vars: tuple[tuple[str, Any], ...] = ()
+
+    def vars_dict(self) -> dict[str, Any]:
+        return dict(self.vars)
+
+
+@dataclass(frozen=True)
 class Spec:
     path: Path
     name: str
@@ -98,6 +127,9 @@ class Spec:
     exclude: tuple[str, ...] = ()
     forbidden: tuple[str, ...] = ()
     compression: str = "zstd"
+    outputs: tuple[Output, ...] = (Output.CHROOT,)
+    vm: Vm | None = None
+    guest: Guest = Guest()
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
     @property
@@ -318,7 +350,42 @@ def _file(c: _Checker, node: yaml.Node, where: str, base: Path) -> File | None:
 
 
 SPEC_FIELDS = {"name", "family", "arch", "repos", "packages", "variant", "releasever", "users",
-               "groups", "files", "exclude", "forbidden", "compression"}
+               "groups", "files", "exclude", "forbidden", "compression", "outputs", "vm", "guest"}
+
+DEFAULT_VM_PACKAGES = ("linux-image-amd64", "systemd-sysv", "openssh-server", "sudo", "ifupdown",
+                       "isc-dhcp-client", "python3", "python3-yaml", "mmdebstrap", "zstd")
+
+
+def _vm(c: _Checker, node: yaml.Node) -> Vm | None:
+    m = c.mapping(node, "vm", {"packages", "disk_mib", "user", "memory_mib"}, set())
+    if m is None:
+        return None
+    packages = c.strings(m["packages"], "vm.packages", PKG_RE, "a package name") \
+        if "packages" in m else DEFAULT_VM_PACKAGES
+    disk = c.integer(m["disk_mib"], "vm.disk_mib", 1024, 1 << 20) if "disk_mib" in m else 8192
+    memory = c.integer(m["memory_mib"], "vm.memory_mib", 256, 1 << 20) if "memory_mib" in m else 2048
+    user = c.string(m["user"], "vm.user", USER_RE, "a user name") if "user" in m else "builder"
+    if disk is None or memory is None or user is None:
+        return None
+    return Vm(packages=packages, disk_mib=disk, user=user, memory_mib=memory)
+
+
+def _plain(node: yaml.Node) -> Any:
+    return yaml.safe_load(yaml.serialize(node))
+
+
+def _guest(c: _Checker, node: yaml.Node) -> Guest | None:
+    m = c.mapping(node, "guest", {"roles", "vars"}, set())
+    if m is None:
+        return None
+    roles = c.strings(m["roles"], "guest.roles", NAME_RE, "a role name") if "roles" in m else ()
+    variables: tuple[tuple[str, Any], ...] = ()
+    if "vars" in m:
+        if not isinstance(m["vars"], yaml.MappingNode):
+            c.fail(m["vars"], "guest.vars", "must be a mapping of role variables")
+        else:
+            variables = tuple(sorted(_plain(m["vars"]).items()))
+    return Guest(roles=roles, vars=variables)
 
 
 def load_spec(path: Path) -> Spec:
@@ -374,6 +441,18 @@ def load_spec(path: Path) -> Spec:
     if "compression" in m:
         comp = c.string(m["compression"], "compression", re.compile(r"^(zstd|xz)$"), "zstd or xz")
         compression = comp or "zstd"
+    outputs: tuple[Output, ...] = (Output.CHROOT,)
+    if "outputs" in m:
+        outs = c.seq(m["outputs"], "outputs", lambda n, w: c.choice(n, w, Output))
+        outputs = tuple(dict.fromkeys((Output.CHROOT, *outs)))
+    vm = _vm(c, m["vm"]) if "vm" in m else None
+    guest = _guest(c, m["guest"]) if "guest" in m else Guest()
+    wants_vm = any(o is not Output.CHROOT for o in outputs)
+    if wants_vm and family is Family.RPM:
+        c.fail(m["outputs"], "outputs", "VM images are built for deb environments only "
+               "(an rpm chroot can be built inside a deb builder)")
+    if wants_vm and vm is None:
+        vm = Vm(packages=DEFAULT_VM_PACKAGES)
     if c.problems or name is None or family is None or arch is None:
         raise SpecError(c.problems or [f"{path}:1: invalid spec"])
     warnings = tuple(
@@ -383,7 +462,8 @@ def load_spec(path: Path) -> Spec:
     )
     return Spec(path=path, name=name, family=family, arch=arch, repos=repos, packages=packages,
                 variant=variant, releasever=releasever, users=users, groups=groups, files=files,
-                exclude=exclude, forbidden=forbidden, compression=compression, warnings=warnings)
+                exclude=exclude, forbidden=forbidden, compression=compression, outputs=outputs,
+                vm=vm, guest=guest or Guest(), warnings=warnings)
 
 
 # --------------------------------------------------------------------------- variables
