@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,8 +17,8 @@ from provision.cache import PackageCache, default_cache_dir
 from provision.errors import LockError
 from provision.index import Index, Version
 from provision.lock import Lock, check_forbidden, lock_spec, read_lock
-from provision.rootfs import bootstrap, scratch
-from provision.spec import Spec
+from provision.rootfs import BuildError, bootstrap, scratch
+from provision.spec import Output, Spec
 from provision.store import Store
 
 
@@ -46,11 +47,16 @@ def ensure_lock(spec: Spec, *, relock: bool = False) -> Lock:
 
 
 def build(spec: Spec, store: Store, *, relock: bool = False, cache_dir: Path | None = None,
-          keep_root: Path | None = None, tags: tuple[str, ...] = ("latest",)) -> BuildResult:
+          keep_root: Path | None = None, tags: tuple[str, ...] = ("latest",),
+          accelerator: str | None = None) -> BuildResult:
     lock = ensure_lock(spec, relock=relock)
     cache_root = cache_dir or default_cache_dir()
     cache = PackageCache(cache_root / "packages")
-    cache.ensure(lock)
+    wants_vm = any(o is not Output.CHROOT for o in spec.outputs)
+    if wants_vm and not lock.vm_packages:
+        raise LockError(f"{spec.lock_path} has no builder packages (run with --relock)")
+    cache.ensure(lock, vm=wants_vm)
+    artifacts: dict[str, str] = {}
     with scratch(cache_root / "work") as work:
         root = work / "root"
         bootstrap(spec, lock, cache, root, work)
@@ -60,9 +66,22 @@ def build(spec: Spec, store: Store, *, relock: bool = False, cache_dir: Path | N
         lock_file = work / "lock.json"
         lock_file.write_text(lock.to_json())
         store.put_blob(lock.digest(), lock_file)
-        store.put_blob(info.digest, archive)
         if keep_root is not None:
             os.rename(root, keep_root)
+        else:
+            shutil.rmtree(root)
+        if wants_vm:
+            from provision.vmbuild import build_vm
+
+            vm = build_vm(spec, lock, cache, work, accelerator=accelerator)
+            if vm.chroot.digest != info.digest:
+                raise BuildError(
+                    f"the chroot cut from the builder image ({vm.chroot.digest}) differs from "
+                    f"the one built on the host ({info.digest})")
+            for kind, (digest, path) in vm.artifacts.items():
+                store.put_blob(digest, path)
+                artifacts[kind] = digest
+        store.put_blob(info.digest, archive)
     version = Version(
         digest=info.digest,
         created=dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -73,6 +92,7 @@ def build(spec: Spec, store: Store, *, relock: bool = False, cache_dir: Path | N
         compression=info.compression.value,
         source_date_epoch=lock.source_date_epoch,
         packages=tuple(p.line() for p in lock.packages),
+        artifacts=artifacts,
     )
 
     def add(index: Index) -> Index:

@@ -31,9 +31,10 @@ class PackageCache:
     def has(self, sha256: str) -> bool:
         return self.path(sha256).is_file()
 
-    def ensure(self, lock: Lock, *, quiet: bool = False) -> dict[str, Path]:
-        """Make sure every locked package is cached and verified; returns sha256 -> path."""
-        pkgs = list(lock.packages)
+    def ensure(self, lock: Lock, *, quiet: bool = False, vm: bool = False) -> dict[str, Path]:
+        """Make sure every locked package (with vm: the builder machine's too) is cached and
+        verified; returns sha256 -> path."""
+        pkgs = list(lock.packages) + (list(lock.vm_packages) if vm else [])
         missing = {p.sha256: p for p in pkgs if not self.has(p.sha256)}.values()
         urls = lock.urls() if missing else {}
         if missing:

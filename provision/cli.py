@@ -200,6 +200,9 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_pin)
     s = sub.add_parser("list", parents=[common], help="list environments, versions and tags")
     s.set_defaults(func=cmd_list)
+    from provision.validate import add_parser as add_validate_parser
+
+    add_validate_parser(sub, parents=[common])
     return p
 
 

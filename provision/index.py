@@ -32,6 +32,8 @@ class Version:
     compression: str
     source_date_epoch: int
     packages: tuple[str, ...]  # "name evr arch"
+    # Other outputs of the same environment version: "qcow2", "vagrant" -> blob digest.
+    artifacts: dict[str, str] = field(default_factory=dict)
 
     @property
     def package_count(self) -> int:
@@ -41,6 +43,7 @@ class Version:
         d = asdict(self)
         d["packages"] = list(self.packages)
         d["package_count"] = self.package_count
+        d["artifacts"] = dict(sorted(self.artifacts.items()))
         return d
 
     @classmethod
@@ -50,6 +53,7 @@ class Version:
             size=int(d["size"]), tar_sha256=d["tar_sha256"], tar_size=int(d["tar_size"]),
             compression=d["compression"], source_date_epoch=int(d["source_date_epoch"]),
             packages=tuple(d["packages"]),
+            artifacts=dict(d.get("artifacts", {})),
         )
 
 
@@ -144,9 +148,15 @@ class Index:
 
     def with_version(self, name: str, version: Version, tags: tuple[str, ...] = ("latest",)
                      ) -> Index:
-        """Add a version (kept once per digest: the first record wins) and point tags at it."""
+        """Add a version (kept once per digest: the first record wins, but gains the artifacts
+        of later ones) and point tags at it."""
         env = self.environments.get(name, Environment(name))
-        versions = env.versions if env.version(version.digest) else (*env.versions, version)
+        old = env.version(version.digest)
+        if old is None:
+            versions = (*env.versions, version)
+        else:
+            merged = replace(old, artifacts={**old.artifacts, **version.artifacts})
+            versions = tuple(merged if v.digest == version.digest else v for v in env.versions)
         new_tags = {**env.tags, **{t: version.digest for t in tags}}
         envs = {**self.environments, name: replace(env, versions=versions, tags=new_tags)}
         return Index(envs)
