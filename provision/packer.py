@@ -7,16 +7,18 @@ post-processor, never from its output.
 
 from __future__ import annotations
 
+import io
 import json
 import os
-import shutil
 import sys
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from provision import run
 from provision.errors import CommandFailed, ProvisionError
+from provision.spec import Spec
 
 PROJECT = Path(__file__).resolve().parent.parent
 PACKER_DIR = PROJECT / "packer"
@@ -47,15 +49,20 @@ def write_var_file(path: Path, variables: dict[str, object]) -> Path:
     return path
 
 
-def bundle(spec_path: Path, lock_json: str, dest: Path) -> Path:
-    """What the chroot role copies into the guest: the provision package, the spec's
-    directory (specs may name files beside them) and the lock."""
+def bundle(spec: Spec, lock_json: str, dest: Path) -> Path:
+    """What the chroot role unpacks in the guest (one file: copying many over SSH is slow):
+    the provision package, the spec with the files it names, and the lock."""
     pkg = Path(__file__).resolve().parent
-    shutil.copytree(pkg, dest / "provision",
-                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    shutil.copytree(spec_path.parent, dest / "spec",
-                    ignore=shutil.ignore_patterns("*.lock", ".*"))
-    (dest / "lock.json").write_text(lock_json)
+    with tarfile.open(dest, "w:gz") as tar:
+        for path in sorted(pkg.rglob("*.py")):
+            tar.add(path, f"provision/{path.relative_to(pkg)}", recursive=False)
+        tar.add(spec.path, f"spec/{spec.path.name}", recursive=False)
+        for source in spec.sources:
+            tar.add(spec.path.parent / source, f"spec/{source}", recursive=False)
+        info = tarfile.TarInfo("lock.json")
+        data = lock_json.encode()
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
     return dest
 
 

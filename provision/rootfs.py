@@ -291,6 +291,13 @@ def normalize(root: Path, source_date_epoch: int) -> None:
         for p in root.glob(pattern):
             if p.is_file() or p.is_symlink():
                 p.unlink()
+    # mmdebstrap copies the building host's name and resolver: neither belongs to the root.
+    for name, text in (("etc/hostname", "localhost\n"), ("etc/resolv.conf", "")):
+        path = root / name
+        if path.is_symlink() or path.exists():
+            path.unlink()
+            path.write_text(text)
+            os.chmod(path, 0o644)
     machine_id = root / "etc/machine-id"
     if machine_id.exists() and not machine_id.is_symlink():
         machine_id.write_text("")
@@ -316,7 +323,10 @@ def scratch(work: Path) -> Iterator[Path]:
     try:
         yield path
     finally:
-        _rmtree(path)
+        if os.environ.get("PROVISION_KEEP_WORK"):
+            print(f"provision: kept {path} (PROVISION_KEEP_WORK)", file=sys.stderr)
+        else:
+            _rmtree(path)
 
 
 def _rmtree(path: Path) -> None:

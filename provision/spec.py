@@ -88,6 +88,7 @@ class File:
     mode: int = 0o644
     owner: int = 0
     group: int = 0
+    source: str | None = None  # the file beside the spec it was read from, if any
 
 
 @dataclass(frozen=True)
@@ -131,6 +132,11 @@ class Spec:
     vm: Vm | None = None
     guest: Guest = Guest()
     warnings: tuple[str, ...] = field(default=(), compare=False)
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        """Files beside the spec that it reads (relative paths)."""
+        return tuple(f.source for f in self.files if f.source)
 
     @property
     def lock_path(self) -> Path:
@@ -319,6 +325,7 @@ def _file(c: _Checker, node: yaml.Node, where: str, base: Path) -> File | None:
         return None
     path = _abs_path(c, m["path"], f"{where}.path")
     content: bytes | None = None
+    source: str | None = None
     if ("content" in m) == ("source" in m):
         c.fail(node, where, "needs exactly one of `content` or `source`")
     elif "content" in m:
@@ -328,8 +335,10 @@ def _file(c: _Checker, node: yaml.Node, where: str, base: Path) -> File | None:
         else:
             c.fail(text, f"{where}.content", "must be a string")
     else:
-        src = c.string(m["source"], f"{where}.source")
-        if src is not None:
+        src = source = c.string(m["source"], f"{where}.source")
+        if src is not None and (src.startswith("/") or ".." in src.split("/")):
+            c.fail(m["source"], f"{where}.source", "must be a path relative to the spec, without '..'")
+        elif src is not None:
             try:
                 content = (base / src).read_bytes()
             except OSError as e:
@@ -346,7 +355,7 @@ def _file(c: _Checker, node: yaml.Node, where: str, base: Path) -> File | None:
     group = c.integer(m["group"], f"{where}.group") if "group" in m else 0
     if path is None or content is None or owner is None or group is None:
         return None
-    return File(path=path, content=content, mode=mode, owner=owner, group=group)
+    return File(path=path, content=content, mode=mode, owner=owner, group=group, source=source)
 
 
 SPEC_FIELDS = {"name", "family", "arch", "repos", "packages", "variant", "releasever", "users",

@@ -72,7 +72,7 @@ def build_vm(spec: Spec, lock: Lock, cache: PackageCache, work: Path, *,
         "provision_chroot_name": spec.name,
         "provision_chroot_root": CHROOTS_IN_GUEST,
         "provision_chroot_repo_url": "http://{{ packer_http_addr }}",
-        "provision_chroot_bundle": str(bundle(spec.path, lock.to_json(), work / "bundle")),
+        "provision_chroot_bundle": str(bundle(spec, lock.to_json(), work / "bundle.tar.gz")),
         "provision_chroot_spec_name": spec.path.name,
     }
     result = build_image(name=spec.name, base_image=base, base_checksum=file_digest(base),
