@@ -85,9 +85,16 @@ def _target(args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:
-    from provision.fetch import fetch
+    from provision.fetch import fetch, fetch_artifact
 
     ref, store = _target(args)
+    if args.artifact:
+        path = fetch_artifact(ref, store, args.artifact, cache_dir=_cache(args))
+        if args.json:
+            _print_json({"name": ref.name, "artifact": args.artifact, "path": str(path)})
+        else:
+            print(path)
+        return 0
     got = fetch(ref, store, cache_dir=_cache(args))
     if args.json:
         _print_json({"name": got.name, "digest": got.digest, "root": str(got.root),
@@ -185,6 +192,8 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_build)
     s = sub.add_parser("fetch", parents=[common], help="fetch, verify and unpack; print the root")
     s.add_argument("ref", nargs="?", help="NAME, NAME:TAG or NAME@sha256:HEX (default: the pin)")
+    s.add_argument("--artifact", choices=["qcow2", "vagrant", "ssh-key"],
+                   help="fetch another output of the environment instead of its chroot")
     s.set_defaults(func=cmd_fetch)
     s = sub.add_parser("run", parents=[common], help="run a command in an environment",
                        usage="provision run [REF] -- CMD [ARG ...]")

@@ -66,3 +66,30 @@ def fetch(ref: Ref, store: Store, *, cache_dir: Path | None = None) -> Fetched:
             with contextlib.suppress(FileNotFoundError):
                 download.unlink()
     return Fetched(ref.name, digest, dest, store.url, cached=False)
+
+
+ARTIFACT_NAMES = {"qcow2": "{name}.qcow2", "vagrant": "{name}.box", "ssh-key": "{name}.key"}
+
+
+def fetch_artifact(ref: Ref, store: Store, kind: str, *, cache_dir: Path | None = None) -> Path:
+    """Another output of an environment version (qcow2, vagrant box, ssh-key), verified, in the
+    cache; returns its path."""
+    _env, version = store.read_index().resolve(ref)
+    digest = version.artifacts.get(kind)
+    if digest is None:
+        have = ", ".join(sorted(version.artifacts)) or "none"
+        raise ProvisionError(f"{ref.name}@{version.digest} has no {kind} artifact (has: {have})")
+    dest = (cache_dir or default_cache_dir()) / "artifacts" / digest.replace(":", "-") / \
+        ARTIFACT_NAMES.get(kind, "{name}").format(name=ref.name)
+    if not dest.is_file():
+        local = store.local_path(digest)
+        label = f"fetching {ref.name} {kind}"
+        if local is not None:
+            from provision.download import download
+
+            download(local.as_uri(), dest, sha256=digest.split(":", 1)[1], label=label)
+        else:
+            store.get_blob(digest, dest, label=label)
+        if kind == "ssh-key":
+            dest.chmod(0o600)
+    return dest

@@ -90,4 +90,7 @@ def build_vm(spec: Spec, lock: Lock, cache: PackageCache, work: Path, *,
         artifacts["qcow2"] = (file_digest(result.image), result.image)
     if Output.VAGRANT in spec.outputs and result.box is not None:
         artifacts["vagrant"] = (file_digest(result.box), result.box)
+    # Like Vagrant's insecure key: what a laptop user logs in to the builder with. The key
+    # never enters the chroot, which is what is published for builds.
+    artifacts["ssh-key"] = (file_digest(key), key)
     return VmResult(chroot=chroot, artifacts=artifacts)

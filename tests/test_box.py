@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from yumrepo import HttpServer
 
 from provision import box as box_module
 from provision import run
@@ -248,6 +249,22 @@ def test_vagrant_adds_box_from_catalog(tmp_path: Path) -> None:
     assert vg.box_list(home=home) == []
     with pytest.raises(vg.VagrantError, match="vagrant box remove failed"):
         vg.box_remove("catalog-test", home=home)
+
+
+def test_vagrant_adds_box_from_catalog_over_http(tmp_path: Path) -> None:
+    """The same store directory served by a static HTTP server: a catalog with http:// box URLs."""
+    _need("vagrant", "bsdtar", "curl")
+    disk = _small_qcow2(tmp_path / "d.qcow2")
+    box = make_libvirt_box(disk, tmp_path / "b.box", name="http-test", compression="none")
+    store = LocalStore(tmp_path / "store")
+    home = tmp_path / "vagrant-home"
+    with HttpServer(store.root.parent) as server:
+        base = server.url + "store/"
+        v = publish_box(store, "http-test", box, version="1.0.3", base_url=base)
+        assert v.url.startswith("http://127.0.0.1:")
+        vg.vagrant(["box", "add", "--provider", "libvirt", catalog_url(base, "http-test")], home=home)
+    assert vg.box_list(home=home) == [("http-test", "libvirt", "1.0.3")]
+    vg.box_remove("http-test", home=home)
 
 
 # --- slow: vagrant up of the pinned builder -------------------------------------------------------
