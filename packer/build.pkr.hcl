@@ -19,18 +19,4 @@ build {
     output     = var.manifest
     strip_path = false
   }
-
-  post-processors {
-    post-processor "vagrant" {
-      output               = var.box_output
-      keep_input_artifact  = true
-      provider_override    = "libvirt"
-      vagrantfile_template = var.vagrantfile_template
-      include              = [var.ssh_private_key_file]
-    }
-    post-processor "manifest" {
-      output     = var.manifest
-      strip_path = false
-    }
-  }
 }

@@ -77,14 +77,6 @@ variable "manifest" {
   type = string
 }
 
-variable "box_output" {
-  type = string
-}
-
-variable "vagrantfile_template" {
-  type = string
-}
-
 variable "serial_log" {
   type = string
 }

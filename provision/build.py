@@ -19,7 +19,7 @@ from provision.index import Index, Version
 from provision.lock import Lock, check_forbidden, lock_spec, read_lock
 from provision.rootfs import BuildError, bootstrap, scratch
 from provision.spec import Output, Spec
-from provision.store import Store
+from provision.store import LocalStore, Store
 
 
 @dataclass(frozen=True)
@@ -99,6 +99,15 @@ def build(spec: Spec, store: Store, *, relock: bool = False, cache_dir: Path | N
         return index.with_version(spec.name, version, tags)
 
     index = store.update_index(add)
+    if "vagrant" in artifacts:
+        from provision.box import BoxInfo
+        from provision.catalog import publish_box
+
+        box_blob = store.local_path(artifacts["vagrant"])
+        if box_blob is not None and isinstance(store, LocalStore):
+            publish_box(store, spec.name, BoxInfo(box_blob, artifacts["vagrant"].split(":")[1],
+                                                  box_blob.stat().st_size),
+                        provision_digest=version.digest)
     recorded = index.environments[spec.name].version(version.digest) or version
     return BuildResult(spec.name, recorded, store.url, spec.lock_path)
 

@@ -97,8 +97,6 @@ def build_image(*, name: str, base_image: Path, base_checksum: str, key: Path, w
     log_dir.mkdir(parents=True, exist_ok=True)
     log = log_dir / f"packer-{name}.log"
     out_log = log_dir / f"packer-{name}.out"
-    vagrantfile = work / "Vagrantfile.template"
-    vagrantfile.write_text(VAGRANTFILE_TEMPLATE.format(user=user, key=key.name))
     extra = work / "extra-vars.json"
     extra.write_text(json.dumps(extra_vars, indent=1, sort_keys=True))
     var_file = write_var_file(work / "build.pkrvars.hcl", {
@@ -116,8 +114,6 @@ def build_image(*, name: str, base_image: Path, base_checksum: str, key: Path, w
         "extra_vars_file": str(extra),
         "roles_path": str(ANSIBLE_DIR / "roles"),
         "manifest": str(manifest),
-        "box_output": str(work / f"{name}.box"),
-        "vagrantfile_template": str(vagrantfile),
         "serial_log": str(log_dir / f"serial-{name}.log"),
     })
     env = {
@@ -149,19 +145,3 @@ def _last_error(path: Path) -> str:
         if "error" in ln.lower() or "failed" in ln.lower():
             return ln
     return lines[-1] if lines else "no output"
-
-
-VAGRANTFILE_TEMPLATE = """\
-# Made by provision: the builder box of this environment.
-Vagrant.configure("2") do |config|
-  config.ssh.username = "{user}"
-  config.ssh.private_key_path = File.expand_path("../include/{key}", __FILE__)
-  config.ssh.insert_key = false
-  config.vm.synced_folder ".", "/vagrant", disabled: true
-  config.vm.provider :libvirt do |libvirt|
-    libvirt.driver = ENV.fetch("PROVISION_VAGRANT_DRIVER", "qemu")
-    libvirt.memory = 2048
-    libvirt.cpus = 2
-  end
-end
-"""

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from provision import run
 from provision.archive import ArchiveInfo, Compression
+from provision.box import make_libvirt_box
 from provision.cache import PackageCache
 from provision.extract import extract_tree
 from provision.image import Accel, kvm_usable, make_bootable_disk
@@ -88,8 +89,12 @@ def build_vm(spec: Spec, lock: Lock, cache: PackageCache, work: Path, *,
     artifacts: dict[str, tuple[str, Path]] = {}
     if Output.QCOW2 in spec.outputs:
         artifacts["qcow2"] = (file_digest(result.image), result.image)
-    if Output.VAGRANT in spec.outputs and result.box is not None:
-        artifacts["vagrant"] = (file_digest(result.box), result.box)
+    if Output.VAGRANT in spec.outputs:
+        # Made from the image here rather than by Packer's vagrant post-processor: the same
+        # image always gives the same box (sorted, dated tar), with the builder's key inside.
+        box = make_libvirt_box(result.image, work / f"{spec.name}.box", name=spec.name,
+                               user=vm.user, private_key=key)
+        artifacts["vagrant"] = (box.digest, box.path)
     # Like Vagrant's insecure key: what a laptop user logs in to the builder with. The key
     # never enters the chroot, which is what is published for builds.
     artifacts["ssh-key"] = (file_digest(key), key)

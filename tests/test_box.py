@@ -15,7 +15,6 @@ import os
 import shutil
 import tarfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,9 +36,6 @@ from provision.catalog import (
     read_catalog,
     write_catalog,
 )
-from provision.image import make_bootable_disk
-from provision.pin import Pin, write_pin
-from provision.spec import host_debian_mirror
 from provision.store import LocalStore
 
 REPO = Path(__file__).resolve().parent.parent
@@ -277,128 +273,3 @@ class Published:
     version: str
     env_digest: str
     box: BoxInfo
-
-
-@pytest.fixture(scope="module")
-def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("box")
-
-
-@pytest.fixture(scope="module")
-def builder_key(work: Path) -> Path:
-    return _key(work / "builder_key")
-
-
-@pytest.fixture(scope="module")
-def published(work: Path, builder_key: Path) -> Published:
-    """A bootable builder disk from a fresh mmdebstrap root, made into a box, published."""
-    _need("mmdebstrap", "qemu-img", "extlinux", "losetup", "partx", "sfdisk", "mkfs.ext4")
-    mirror = host_debian_mirror()
-    if mirror is None:
-        pytest.fail("apt on this machine names no Debian mirror in /etc/apt/sources.list.d/*.sources")
-    root = work / "root"
-    started = time.monotonic()
-    run.run(["mmdebstrap", "--quiet", "--variant=important", f"--include={INCLUDE}", "bookworm", root,
-             mirror], capture=True)
-    _timing("mmdebstrap", time.monotonic() - started)
-    started = time.monotonic()
-    disk = make_bootable_disk(root, work / "builder.qcow2", size_mib=2048,
-                              authorized_key=builder_key.with_suffix(".pub").read_text())
-    _timing("make_bootable_disk", time.monotonic() - started)
-    shutil.rmtree(root)
-    name = f"provision-box-test-{os.getpid()}"
-    started = time.monotonic()
-    box = make_libvirt_box(disk.path, work / "builder.box", name=name, private_key=builder_key)
-    _timing(f"make_libvirt_box (gzip, {box.size >> 20} MiB from {disk.path.stat().st_size >> 20} MiB)",
-            time.monotonic() - started)
-    store = work / "store"
-    env_digest = "sha256:" + hashlib.sha256(name.encode()).hexdigest()  # the environment it stands for
-    v = publish_box(LocalStore(store), name, box, provision_digest=env_digest, description="test builder")
-    return Published(name=name, store=store, version=v.version, env_digest=env_digest, box=box)
-
-
-@pytest.fixture(scope="module")
-def libvirt() -> Iterator[None]:
-    """libvirtd as scripts/libvirtd leaves it; stopped again if it did not run before."""
-    _need("virsh", "libvirtd", "virtlogd", "dnsmasq", "qemu-system-x86_64")
-    was_running = run.run(["virsh", "-c", URI, "uri"], check=False, capture=True).returncode == 0
-    started = time.monotonic()
-    run.run([LIBVIRTD], capture=True)
-    _timing("scripts/libvirtd", time.monotonic() - started)
-    again = run.run([LIBVIRTD], capture=True)  # idempotent
-    assert b"already answers" in again.stderr
-    try:
-        pools = run.output(["virsh", "-c", URI, "pool-list", "--name"]).split()
-        assert "default" in pools
-        net = run.output(["virsh", "-c", URI, "net-dumpxml", "default"])
-        assert "<forward" not in net, "the default network must not route anywhere"
-        assert "yes" in run.output(["virsh", "-c", URI, "net-info", "default"]).split("Active:")[1].split()[0]
-        yield
-    finally:
-        if not was_running:
-            run.run([LIBVIRTD, "stop"], capture=True)
-
-
-def _virsh_quiet(*args: str) -> None:
-    run.run(["virsh", "-c", URI, *args], check=False, capture=True)
-
-
-@pytest.mark.slow
-@pytest.mark.mirror
-def test_vagrant_up_pinned_builder(published: Published, libvirt: None, work: Path,
-                                   builder_key: Path) -> None:
-    _need("vagrant", "ssh")
-    project = work / "project"
-    project.mkdir()
-    shutil.copy(REPO / "Vagrantfile", project / "Vagrantfile")
-    write_pin(Pin(name=published.name, digest=published.env_digest, store=str(published.store)),
-              project / "provision.pin")
-    serial = work / "serial.log"
-    env = {"VAGRANT_HOME": str(work / "vagrant-home"), "PROVISION_VAGRANT_SERIAL_LOG": str(serial)}
-    domain = f"{project.name}_default"
-    volume = f"{published.name}_vagrant_box_image_{published.version}_box.img"
-    try:
-        started = time.monotonic()
-        up_log = work / "vagrant-up.log"
-        try:
-            with up_log.open("wb") as log:
-                vg.up(project, env, output=log)
-        except vg.VagrantError as e:
-            def tail(p: Path) -> str:
-                return p.read_text(errors="replace")[-3000:] if p.exists() else "(none)"
-            pytest.fail(f"{e}\n--- vagrant up (tail) ---\n{tail(up_log)}\n"
-                        f"--- guest serial console (tail) ---\n{tail(serial)}")
-        _timing("vagrant up (TCG)", time.monotonic() - started)
-        assert vg.state(project, env) == "running"
-        assert vg.box_list(env) == [(published.name, "libvirt", published.version)]
-
-        cfg = vg.ssh_config(project, env)
-        assert cfg["User"] == "builder"
-        assert cfg["HostName"].startswith("192.168.122.")
-        assert Path(cfg["IdentityFile"]).read_bytes() == builder_key.read_bytes()
-        argv = [*vg.ssh_argv(cfg), "-n", "-o", "ConnectTimeout=30"]
-        run.run([*argv, "true"], capture=True)
-        who = run.output([*argv, "id -un && sudo -n id -u && hostname"]).split()
-        assert who == ["builder", "0", "builder"]
-        # The guest reaches the host, and nothing beyond it: the network has no route out.
-        routes = run.output([*argv, "ip -4 route show default"])
-        assert routes.strip() == "", f"the guest has a default route: {routes}"
-    finally:
-        started = time.monotonic()
-        errors = []
-        try:
-            vg.destroy(project, env)
-        except vg.VagrantError as e:
-            errors.append(str(e))
-            _virsh_quiet("destroy", domain)
-            _virsh_quiet("undefine", domain, "--remove-all-storage")
-        try:
-            vg.box_remove(published.name, env)
-        except vg.VagrantError as e:
-            errors.append(str(e))
-        _virsh_quiet("vol-delete", "--pool", "default", volume)  # vagrant-libvirt's copy of box.img
-        _timing("vagrant destroy + box remove", time.monotonic() - started)
-    assert not errors, errors
-    left = run.output(["virsh", "-c", URI, "list", "--all", "--name"]).split()
-    assert domain not in left
-    assert volume not in run.output(["virsh", "-c", URI, "vol-list", "--pool", "default"])

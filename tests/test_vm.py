@@ -8,6 +8,7 @@ small deb environment serves every assertion below.
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 import subprocess
 import time
@@ -17,6 +18,7 @@ from typing import Any
 
 import pytest
 from envtools import Cli
+from vagrantutil import VagrantUp, libvirt  # noqa: F401  (a fixture)
 
 from provision import run
 from provision.build import build
@@ -118,4 +120,21 @@ def test_validation_passes_on_chroot_and_booted_vm(built: dict[str, Any],
                    "--identity", str(key))
         # the machine itself has host keys (made at boot) and a machine-id: those checks are
         # for chroots only; every check that runs must pass
+        assert "FAIL" not in out, out
+
+
+@pytest.mark.usefixtures("libvirt")
+def test_vagrant_up_from_the_catalog_and_validate_the_box(built: dict[str, Any], tmp_path: Path,
+                                                          capfd: pytest.CaptureFixture[str]) -> None:
+    base: Path = built["base"]
+    c = Cli(base / "store", base / "cache", capfd)
+    catalog = json.loads((base / "store" / "vagrant" / "tiny-builder.json").read_text())
+    assert catalog["name"] == "tiny-builder"
+    assert catalog["versions"][0]["providers"][0]["name"] == "libvirt"
+    with VagrantUp(tmp_path, "tiny-builder", built["digest"], base / "store") as cfg:
+        assert cfg["User"] == "builder"
+        config = tmp_path / "ssh_config"
+        config.write_text(run.output(["vagrant", "ssh-config"], cwd=tmp_path / "project",
+                                     extra_env={"VAGRANT_HOME": str(tmp_path / "vagrant-home")}))
+        out, _ = c("validate", "tiny-builder", "--target", f"ssh-config:{config}")
         assert "FAIL" not in out, out
