@@ -291,6 +291,12 @@ def normalize(root: Path, source_date_epoch: int) -> None:
         for p in root.glob(pattern):
             if p.is_file() or p.is_symlink():
                 p.unlink()
+    # apt hands its download dirs to _apt when it fetched over the network, not from copy://.
+    for rel in ("var/cache/apt/archives/partial", "var/lib/apt/lists/partial"):
+        partial = root / rel
+        if partial.is_dir() and not partial.is_symlink():
+            os.chown(partial, 0, 0)
+            os.chmod(partial, 0o700)
     # mmdebstrap copies the building host's name and resolver: neither belongs to the root.
     for name, text in (("etc/hostname", "localhost\n"), ("etc/resolv.conf", "")):
         path = root / name
