@@ -9,10 +9,12 @@ from pathlib import Path
 import pytest
 from envtools import Cli
 
+from provision import run
 from provision.lock import read_lock
 from provision.spec import host_debian_mirror
 
 pytestmark = pytest.mark.mirror
+ANSIBLE = Path(__file__).resolve().parent.parent / "ansible"
 
 SPEC = """\
 name: tiny-bookworm
@@ -24,7 +26,7 @@ repos:
     suite: bookworm
     components: [main]
     keyring: /usr/share/keyrings/debian-archive-keyring.gpg
-packages: [hello]
+packages: [hello, python3]
 users:
   - name: builder
     uid: 1000
@@ -68,3 +70,14 @@ def test_deb_environment_is_reproducible(tmp_path: Path, capfd: pytest.CaptureFi
     assert out == "Hello, world!\n"
     out, _ = cli("run", "tiny-bookworm", "--", "sh", "-c", "id builder; ls -d /builds")
     assert "uid=1000(builder)" in out and "/builds" in out
+
+    # the roles that configure a builder over SSH also run against a chroot directory
+    copy = tmp_path / "chroot-copy"
+    run.run(["cp", "-a", root, copy])
+    env = {"ANSIBLE_CONFIG": str(ANSIBLE / "ansible.cfg")}
+    playbook: list[str | Path] = ["ansible-playbook", "-i", f"{copy},", ANSIBLE / "chroot.yml"]
+    played = run.output(playbook, extra_env=env)
+    assert "failed=0" in played
+    assert (copy / "builds").stat().st_uid == 1000
+    again = run.output(playbook, extra_env=env)
+    assert "changed=0" in again and "failed=0" in again  # idempotent
