@@ -5,34 +5,27 @@ device, no mount and no dest. Real tools throughout (mmdebstrap, losetup, QEMU):
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import socket
 import stat
-import subprocess
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from provision import run
-from provision.extract import extract_tree, image_path, mounted_image
-from provision.image import DiskImage, ImageError, kvm_usable, make_bootable_disk, qemu_argv
+from provision.extract import image_path, mounted_image
+from provision.image import DiskImage, ImageError, kvm_usable, make_bootable_disk
 from provision.spec import host_debian_mirror
 
 TOOLS = ("mmdebstrap", "qemu-system-x86_64", "qemu-img", "extlinux", "sfdisk", "partx", "losetup",
          "mkfs.ext4", "ssh", "ssh-keygen", "useradd", "zstd")
-missing = [t for t in TOOLS if shutil.which(t) is None]
 
-pytestmark = [
-    pytest.mark.skipif(os.geteuid() != 0, reason="needs root (loop devices, mount, mmdebstrap)"),
-    pytest.mark.skipif(bool(missing), reason=f"not installed: {', '.join(missing)}"),
-]
 
-SSH_WAIT = 300.0  # boot-to-SSH measured 44-104 s under TCG on these machines
+def test_tools_are_installed() -> None:
+    missing = [t for t in TOOLS if shutil.which(t) is None]
+    assert not missing, f"not installed (run scripts/setup): {', '.join(missing)}"
+
 INCLUDE = "linux-image-amd64,openssh-server,systemd-sysv,sudo,ifupdown,isc-dhcp-client"
 SPARSE_SIZE = 64 << 20
 
@@ -51,7 +44,7 @@ def bootable_root(work: Path) -> Path:
     """A small bootable Debian root, plus a few files whose metadata the disk must keep."""
     mirror = host_debian_mirror()
     if mirror is None:
-        pytest.skip("apt on this machine names no Debian mirror")
+        pytest.fail("apt on this machine names no Debian mirror")
     root = work / "root"
     started = time.monotonic()
     run.run(["mmdebstrap", "--quiet", "--variant=important", f"--include={INCLUDE}", "bookworm", root,
@@ -177,74 +170,6 @@ def test_extract_path_refuses_escapes(disk: DiskImage) -> None:
             image_path(mnt, "/")
 
 
-@dataclass(frozen=True)
-class Booted:
-    ssh_output: str
-    seconds_to_ssh: float
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _ssh(key: Path, port: int, command: str) -> subprocess.CompletedProcess[bytes]:
-    options = ["StrictHostKeyChecking=no", "UserKnownHostsFile=/dev/null", "BatchMode=yes",
-               "ConnectTimeout=10", "LogLevel=ERROR"]
-    argv: list[run.Arg] = ["ssh", "-n", "-i", key, "-p", str(port)]
-    for o in options:
-        argv += ["-o", o]
-    return run.run([*argv, "builder@127.0.0.1", command], check=False, capture=True)
-
-
-@contextlib.contextmanager
-def _qemu(disk: Path, log: Path, port: int) -> Iterator[subprocess.Popen[bytes]]:
-    argv = qemu_argv(disk, ssh_port=port)
-    print("\n[test_image] " + " ".join(argv))
-    with open(log, "wb") as out:
-        proc = run.popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-
-
-def _tail(log: Path) -> str:
-    return log.read_bytes()[-3000:].decode(errors="replace")
-
-
-@pytest.fixture(scope="module")
-def booted(disk: DiskImage, ssh_key: Path, work: Path) -> Booted:
-    """Boot the disk (KVM if it really works here, else TCG), SSH in, build a small tree inside the
-    guest, power off. The disk keeps what the guest wrote."""
-    port = _free_port()
-    log = work / "serial.log"
-    with _qemu(disk.path, log, port) as proc:
-        started = time.monotonic()
-        while True:
-            res = _ssh(ssh_key, port, "sudo -n true && uname -r")
-            if res.returncode == 0:
-                break
-            assert proc.poll() is None, f"qemu exited with {proc.returncode}:\n{_tail(log)}"
-            assert time.monotonic() - started < SSH_WAIT, f"no SSH after {SSH_WAIT:.0f} s:\n{_tail(log)}"
-            time.sleep(3)
-        seconds = time.monotonic() - started
-        _timing("boot to SSH", seconds)
-        build = ("mkdir -p /srv/chroot/etc && echo hello > /srv/chroot/etc/marker"
-                 " && cp -a /usr/bin/passwd /srv/chroot/ && ln -s etc/marker /srv/chroot/link")
-        made = _ssh(ssh_key, port, f"sudo -n sh -euc '{build}'")
-        assert made.returncode == 0, made.stderr.decode(errors="replace")
-        _ssh(ssh_key, port, "sudo -n systemctl poweroff")
-        try:
-            proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"the guest did not power off:\n{_tail(log)}")
-    return Booted(ssh_output=res.stdout.decode(), seconds_to_ssh=seconds)
-
-
 def test_kvm_probe_answers_quickly() -> None:
     started = time.monotonic()
     usable = kvm_usable()
@@ -252,30 +177,6 @@ def test_kvm_probe_answers_quickly() -> None:
     if not os.path.exists("/dev/kvm"):
         assert usable is False
     print(f"\n[test_image] kvm_usable() = {usable}")
-
-
-@pytest.mark.mirror
-@pytest.mark.slow
-def test_boots_to_ssh_with_sudo(booted: Booted, bootable_root: Path) -> None:
-    version = sorted(p.name[len("vmlinuz-"):] for p in (bootable_root / "boot").glob("vmlinuz-*"))[-1]
-    assert booted.ssh_output.strip() == version
-
-
-@pytest.mark.mirror
-@pytest.mark.slow
-def test_tree_built_in_guest_is_extracted_without_booting(booted: Booted, disk: DiskImage,
-                                                          work: Path) -> None:
-    archive = work / "chroot.tar.zst"
-    info = extract_tree(disk.path, "/srv/chroot", archive, source_date_epoch=1_700_000_000)
-    assert archive.is_file() and info.size == archive.stat().st_size
-    listing = run.output(["tar", "--zstd", "--list", "--verbose", "--numeric-owner", "--file", archive])
-    lines = {ln.split()[-1] if "->" not in ln else ln.split()[-3]: ln for ln in listing.splitlines()}
-    assert lines["./etc/marker"].startswith("-rw-r--r-- 0/0")
-    assert lines["./passwd"].startswith("-rwsr-xr-x 0/0")
-    assert lines["./link"].startswith("l")
-    again = work / "again.tar.zst"
-    assert extract_tree(disk.path, "srv/chroot", again, source_date_epoch=1_700_000_000).digest == info.digest
-    assert not _our_loops(work) and not _our_mounts(work)
 
 
 # --- failure cleanup ------------------------------------------------------------------------------
