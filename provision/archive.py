@@ -10,7 +10,6 @@ absent, left as it was, or complete.
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import logging
 import os
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import IO
 
 from provision.errors import ArchiveError, CommandFailed
+from provision.fsutil import fsync_dir
 from provision.run import check_returncode, popen, require
 
 log = logging.getLogger("provision.archive")
@@ -150,7 +150,7 @@ def write_archive(
             os.fchmod(out.fileno(), 0o644)
             os.fsync(out.fileno())
         os.replace(tmp, dest)
-        _fsync_dir(dest.parent)
+        fsync_dir(dest.parent)
     except BaseException as e:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
@@ -271,17 +271,6 @@ def _stop(procs: list[subprocess.Popen[bytes]], pump: threading.Thread | None = 
 def _tail(f: IO[bytes]) -> str:
     f.seek(0)
     return f.read().decode(errors="replace")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    except OSError as e:  # some file systems cannot fsync directories
-        if e.errno not in (errno.EINVAL, errno.ENOTSUP):
-            raise
-    finally:
-        os.close(fd)
 
 
 def _round_up(n: int) -> int:

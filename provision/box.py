@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import IO, Literal, Protocol
 
 from provision.errors import ProvisionError
+from provision.fsutil import fsync_dir
 
 QCOW2_MAGIC = b"QFI\xfb"
 GIB = 1 << 30
@@ -152,7 +153,7 @@ def make_libvirt_box(
             os.fsync(raw.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, dest)
-        _fsync_dir(dest.parent)
+        fsync_dir(dest.parent)
     except OSError as e:
         raise BoxError(f"cannot write {dest}: {e.strerror or e}") from None
     except tarfile.TarError as e:
@@ -224,9 +225,3 @@ class _HashingWriter:
         self.raw.flush()
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -32,6 +32,7 @@ from typing import IO
 
 from provision import run
 from provision.errors import CommandFailed, ProvisionError
+from provision.fsutil import fsync_dir
 
 log = logging.getLogger("provision.image")
 
@@ -157,7 +158,7 @@ def make_bootable_disk(
             os.fsync(f.fileno())
         os.chmod(qcow2, 0o644)
         os.replace(qcow2, dest)
-        _fsync_dir(dest.parent)
+        fsync_dir(dest.parent)
     except CommandFailed as e:
         raise ImageError(f"cannot make {dest}: {e}") from e
     except OSError as e:
@@ -584,14 +585,6 @@ def _install_extlinux(mnt: Path, boot: BootFiles, fs_uuid: uuid.UUID, kernel_arg
            f"  INITRD {boot.initrd}\n"
            f"  APPEND {cmdline}\n")
     run.run(["extlinux", "--install", conf_dir], capture=True)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _filename(e: OSError) -> str:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import os
 import shutil
 import tempfile
@@ -23,6 +22,7 @@ from pathlib import Path
 
 from provision.download import NotFound, download, fetch_bytes
 from provision.errors import DigestMismatch, ProvisionError, StoreError
+from provision.fsutil import file_digest, fsync_dir
 from provision.index import DIGEST_RE, Index
 
 INDEX = "index.json"
@@ -39,14 +39,6 @@ def blob_key(digest: str) -> str:
     if not DIGEST_RE.match(digest):
         raise StoreError(f"{digest!r} is not a sha256 digest")
     return f"blobs/sha256/{digest.split(':', 1)[1]}"
-
-
-def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return "sha256:" + h.hexdigest()
 
 
 class Store(ABC):
@@ -113,7 +105,7 @@ class LocalStore(Store):
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
             os.rename(tmp, dest)
-            _fsync_dir(dest.parent)
+            fsync_dir(dest.parent)
         except OSError as e:
             raise StoreError(f"cannot write to store {self.root}: {e.strerror}") from None
         finally:
@@ -157,7 +149,7 @@ class LocalStore(Store):
                     f.flush()
                     os.fsync(f.fileno())
                 os.rename(tmp, path)
-                _fsync_dir(self.root)
+                fsync_dir(self.root)
             except OSError as e:
                 Path(tmp).unlink(missing_ok=True)
                 raise StoreError(f"cannot write {path}: {e.strerror}") from None
@@ -200,14 +192,6 @@ class HttpStore(Store):
 
     def update_index(self, change: Callable[[Index], Index]) -> Index:
         raise StoreError(f"{self.url} is a read-only store (served over HTTP)")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def open_store(url: str | None = None) -> Store:

@@ -24,6 +24,7 @@ from typing import IO, cast
 
 from provision.archive import TAR_ENV, Compression, tar_error_line
 from provision.errors import ArchiveError, CommandFailed, DigestMismatch
+from provision.fsutil import fsync_dir
 from provision.run import check_returncode, popen, run
 
 log = logging.getLogger("provision.unpack")
@@ -142,7 +143,7 @@ def _extract_atomically(f: IO[bytes], compression: Compression, archive: Path, d
             log.debug("%s appeared while unpacking; keeping it", dest)
             _remove_tree(tmp)
             return
-        _fsync_dir(dest.parent)
+        fsync_dir(dest.parent)
     except BaseException as e:
         _remove_tree(tmp)
         if isinstance(e, ArchiveError):
@@ -240,15 +241,6 @@ def _remove_tree(path: Path) -> None:
         log.warning("cannot remove %s while cleaning up", p)
 
     shutil.rmtree(path, onerror=onerror)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        with contextlib.suppress(OSError):
-            os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class _TrackingReader:

@@ -4,7 +4,6 @@ chroot cut out of the image without booting it."""
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -15,6 +14,7 @@ from provision.archive import ArchiveInfo, Compression
 from provision.box import make_libvirt_box
 from provision.cache import PackageCache
 from provision.extract import extract_tree
+from provision.fsutil import file_digest
 from provision.image import Accel, kvm_usable, make_bootable_disk
 from provision.lock import Lock
 from provision.packer import CHROOTS_IN_GUEST, build_image, bundle
@@ -27,14 +27,6 @@ from provision.spec import Output, Spec, Vm
 class VmResult:
     chroot: ArchiveInfo  # the chroot archive cut from the image
     artifacts: dict[str, tuple[str, Path]] = field(default_factory=dict)  # kind -> (digest, file)
-
-
-def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return "sha256:" + h.hexdigest()
 
 
 def choose_accelerator(override: str | None = None) -> str:
