@@ -24,9 +24,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
-import os
 import re
-import tempfile
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -35,6 +33,7 @@ from typing import Any
 
 from provision.box import BoxInfo
 from provision.errors import ProvisionError, StoreError
+from provision.fsutil import write_atomic
 from provision.index import DIGEST_RE
 from provision.store import LocalStore, Store
 
@@ -240,20 +239,7 @@ def _locked(directory: Path) -> Iterator[None]:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(tmp, path)
-        dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        write_atomic(path, text)
     except OSError as e:
         raise StoreError(f"cannot write {path}: {e.strerror}") from None
-    finally:
-        Path(tmp).unlink(missing_ok=True)

@@ -24,6 +24,7 @@ from typing import Any
 from provision import run
 from provision.download import fetch_bytes, probe
 from provision.errors import CommandFailed, LockError, MirrorUnreachable
+from provision.fsutil import write_atomic
 from provision.spec import Family, Spec, Variant, expand
 
 LOCK_VERSION = 1
@@ -156,16 +157,9 @@ def read_lock(path: Path) -> Lock:
 
 def write_lock(lock: Lock, path: Path) -> None:
     """Write atomically: a reader sees the old lock or the new one, never half of one."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "w") as f:
-            f.write(lock.to_json())
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(tmp, path)
+        write_atomic(path, lock.to_json())
     except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
         raise LockError(f"cannot write {path}: {e.strerror}") from None
 
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from provision.errors import ProvisionError
+from provision.fsutil import write_atomic
 from provision.index import DIGEST_RE, Ref, parse_ref
 
 PIN_FILE = "provision.pin"
@@ -50,10 +50,7 @@ def read_pin(path: Path) -> Pin:
 def write_pin(pin: Pin, path: Path) -> None:
     text = json.dumps({"name": pin.name, "digest": pin.digest, "store": pin.store},
                       indent=1, sort_keys=True) + "\n"
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        tmp.write_text(text)
-        os.rename(tmp, path)
+        write_atomic(path, text)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise ProvisionError(f"cannot write {path}: {e.strerror}") from None

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from provision.download import NotFound, download, fetch_bytes
 from provision.errors import DigestMismatch, ProvisionError, StoreError
-from provision.fsutil import file_digest, fsync_dir
+from provision.fsutil import file_digest, fsync_dir, write_atomic
 from provision.index import DIGEST_RE, Index
 
 INDEX = "index.json"
@@ -141,17 +141,9 @@ class LocalStore(Store):
         with self._locked():
             new = change(self.read_index())
             path = self.root / INDEX
-            fd, tmp = tempfile.mkstemp(prefix=".index-", dir=self.root)
             try:
-                os.fchmod(fd, 0o644)
-                with os.fdopen(fd, "w") as f:
-                    f.write(new.to_json())
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.rename(tmp, path)
-                fsync_dir(self.root)
+                write_atomic(path, new.to_json())
             except OSError as e:
-                Path(tmp).unlink(missing_ok=True)
                 raise StoreError(f"cannot write {path}: {e.strerror}") from None
             return new
 

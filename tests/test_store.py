@@ -80,7 +80,7 @@ def test_concurrent_publishers_lose_no_update(tmp_path: Path) -> None:
         pool.map(_publish, [(str(root), n) for n in range(4)])
     idx = LocalStore(root).read_index()
     assert sum(len(e.versions) for e in idx.environments.values()) == 40
-    assert not [p for p in root.iterdir() if p.name.startswith(".index-")]
+    assert not [p for p in root.iterdir() if ".tmp-" in p.name]
 
 
 def test_a_store_served_over_http_is_a_read_only_store(tmp_path: Path) -> None:
