@@ -16,8 +16,10 @@ source "qemu" "builder" {
   cpus             = var.cpus
   disk_interface   = "virtio"
   net_device       = "virtio-net"
-  vnc_bind_address = "127.0.0.1"
-  http_directory   = var.http_directory
+  # Every port Packer opens stays on loopback: VNC, the package server, SSH (below).
+  vnc_bind_address  = "127.0.0.1"
+  http_bind_address = "127.0.0.1"
+  http_directory    = var.http_directory
 
   # Packer forwards its SSH port on every interface unless the netdev is ours.
   qemuargs = [

@@ -64,7 +64,8 @@ def cmd_build(args: argparse.Namespace) -> int:
     from provision.store import open_store
 
     spec = load_spec(Path(args.spec))
-    result = build(spec, open_store(args.store), relock=args.relock, cache_dir=_cache(args))
+    result = build(spec, open_store(args.store), relock=args.relock, cache_dir=_cache(args),
+                   accelerator=args.accelerator)
     v = result.version
     if args.json:
         _print_json({"name": result.name, "digest": v.digest, "size": v.size,
@@ -189,6 +190,9 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("build", parents=[common], help="build an environment into the store")
     s.add_argument("spec")
     s.add_argument("--relock", action="store_true", help="resolve the lock again first")
+    s.add_argument("--accelerator", choices=["kvm", "tcg"],
+                   help="for VM outputs: QEMU accelerator (default: kvm if a probe shows it "
+                        "works, else tcg; or $PROVISION_ACCELERATOR)")
     s.set_defaults(func=cmd_build)
     s = sub.add_parser("fetch", parents=[common], help="fetch, verify and unpack; print the root")
     s.add_argument("ref", nargs="?", help="NAME, NAME:TAG or NAME@sha256:HEX (default: the pin)")

@@ -4,6 +4,7 @@ chroot cut out of the image without booting it."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -13,6 +14,7 @@ from provision import run
 from provision.archive import ArchiveInfo, Compression
 from provision.box import make_libvirt_box
 from provision.cache import PackageCache
+from provision.errors import ProvisionError
 from provision.extract import extract_tree
 from provision.fsutil import file_digest
 from provision.image import Accel, kvm_usable, make_bootable_disk
@@ -30,7 +32,10 @@ class VmResult:
 
 
 def choose_accelerator(override: str | None = None) -> str:
+    override = override or os.environ.get("PROVISION_ACCELERATOR")
     if override:
+        if override not in (Accel.KVM.value, Accel.TCG.value):
+            raise ProvisionError(f"accelerator {override!r} is not kvm or tcg")
         return override
     if kvm_usable():
         return Accel.KVM.value
@@ -67,6 +72,7 @@ def build_vm(spec: Spec, lock: Lock, cache: PackageCache, work: Path, *,
         "provision_chroot_repo_url": "http://{{ packer_http_addr }}",
         "provision_chroot_bundle": str(bundle(spec, lock.to_json(), work / "bundle.tar.gz")),
         "provision_chroot_spec_name": spec.path.name,
+        "provision_guest_roles": list(spec.guest.roles),
     }
     result = build_image(name=spec.name, base_image=base, base_checksum=file_digest(base),
                          key=key, work=work, extra_vars=extra_vars, accelerator=accel,
