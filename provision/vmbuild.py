@@ -19,7 +19,7 @@ from provision.extract import extract_tree
 from provision.fsutil import file_digest
 from provision.image import Accel, kvm_usable, make_bootable_disk
 from provision.lock import Lock
-from provision.packer import CHROOTS_IN_GUEST, build_image, bundle
+from provision.packer import ANSIBLE_DIR, CHROOTS_IN_GUEST, build_image, bundle
 from provision.repo import make_repo_tree
 from provision.rootfs import build_root
 from provision.spec import Output, Spec, Vm
@@ -47,6 +47,10 @@ def choose_accelerator(override: str | None = None) -> str:
 def build_vm(spec: Spec, lock: Lock, cache: PackageCache, work: Path, *,
              accelerator: str | None = None) -> VmResult:
     vm = spec.vm or Vm()
+    missing = [r for r in spec.guest.roles if not (ANSIBLE_DIR / "roles" / r).is_dir()]
+    if missing:
+        raise ProvisionError(f"{spec.path}: guest.roles: no such role in {ANSIBLE_DIR / 'roles'}: "
+                             f"{', '.join(missing)}")
     accel = choose_accelerator(accelerator)
     # 1. the builder's root from its locked packages, made bootable
     vm_root = work / "vm-root"
