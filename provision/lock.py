@@ -17,7 +17,7 @@ import re
 import sys
 import tempfile
 import urllib.parse
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +91,9 @@ class Lock:
     repos: tuple[LockedRepo, ...]
     keys: tuple[LockedKey, ...] = ()
     suite: str | None = None
-    vm_packages: tuple[LockedPackage, ...] = ()  # the builder machine's root (deb only)
+    vm_packages: tuple[LockedPackage, ...] = ()  # the builder machine's root (always deb)
+    vm_suite: str | None = None
+    vm_arch: str | None = None
 
     def urls(self, env: dict[str, str] | None = None) -> dict[str, str]:
         """Each repo's base URL, with ${VAR} expanded now (on this machine)."""
@@ -117,6 +119,8 @@ class Lock:
             ],
         }
         if self.vm_packages:
+            data["vm_suite"] = self.vm_suite
+            data["vm_arch"] = self.vm_arch
             data["vm_packages"] = [
                 {k: v for k, v in asdict(p).items() if v is not None} for p in self.vm_packages
             ]
@@ -150,6 +154,8 @@ def read_lock(path: Path) -> Lock:
             repos=tuple(LockedRepo(**r) for r in data["repos"]),
             packages=tuple(LockedPackage(**p) for p in data["packages"]),
             vm_packages=tuple(LockedPackage(**p) for p in data.get("vm_packages", [])),
+            vm_suite=data.get("vm_suite"),
+            vm_arch=data.get("vm_arch"),
         )
     except (KeyError, TypeError, ValueError) as e:
         raise LockError(f"{path}: malformed lock file ({e!r}); make it again with --relock") from None
@@ -178,6 +184,8 @@ def resolve(spec: Spec, env: dict[str, str] | None = None) -> Lock:
             lock = _resolve_deb(spec, urls, Path(tmp))
         else:
             lock = _resolve_rpm(spec, urls, Path(tmp))
+            if spec.vm is not None and spec.vm.repos:
+                lock = _with_rpm_builder(spec, lock, Path(tmp) / "builder", env)
     check_forbidden(spec, [p.name for p in lock.packages])
     return lock
 
@@ -307,7 +315,9 @@ def _resolve_deb(spec: Spec, urls: list[str], tmp: Path) -> Lock:
     vm_pkgs = apt_resolve([*wanted, *spec.vm.packages]) if spec.vm else ()
     return Lock(name=spec.name, family=spec.family, arch=spec.arch, spec_digest=spec.digest(),
                 source_date_epoch=max(dates), packages=pkgs, repos=_locked_repos(spec),
-                suite=spec.repos[0].suite, vm_packages=vm_pkgs)
+                suite=spec.repos[0].suite, vm_packages=vm_pkgs,
+                vm_suite=spec.repos[0].suite if vm_pkgs else None,
+                vm_arch=spec.arch if vm_pkgs else None)
 
 
 def _quote(s: str) -> str:
@@ -384,6 +394,25 @@ def _resolve_rpm(spec: Spec, urls: list[str], tmp: Path) -> Lock:
     return Lock(name=spec.name, family=spec.family, arch=spec.arch, spec_digest=spec.digest(),
                 source_date_epoch=epoch, packages=tuple(pkgs), keys=tuple(keys),
                 repos=_locked_repos(spec))
+
+
+DEB_ARCH = {"x86_64": "amd64", "aarch64": "arm64", "i686": "i386"}
+
+
+def _with_rpm_builder(spec: Spec, lock: Lock, tmp: Path, env: dict[str, str] | None) -> Lock:
+    """An rpm environment's Debian builder: its package set, resolved from spec.vm.repos."""
+    assert spec.vm is not None
+    names = {r.name for r in spec.repos} & {r.name for r in spec.vm.repos}
+    if names:
+        raise LockError(f"{spec.path}: vm.repos reuse repo names of repos: {', '.join(sorted(names))}")
+    builder = replace(spec, family=Family.DEB, arch=DEB_ARCH.get(spec.arch, spec.arch),
+                      repos=spec.vm.repos, packages=spec.vm.packages, variant=Variant.APT,
+                      vm=None, forbidden=())
+    urls = [expand(r.baseurl, f"{spec.path}: vm.repos.{r.name}.baseurl", env) for r in builder.repos]
+    tmp.mkdir()
+    deb = _resolve_deb(builder, urls, tmp)
+    return replace(lock, repos=lock.repos + deb.repos, vm_packages=deb.packages,
+                   vm_suite=deb.suite, vm_arch=builder.arch)
 
 
 def _locked_repos(spec: Spec) -> tuple[LockedRepo, ...]:

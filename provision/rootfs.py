@@ -39,18 +39,21 @@ def bootstrap(spec: Spec, lock: Lock, cache: PackageCache, root: Path, work: Pat
 
 
 def build_root(spec: Spec, lock: Lock, repo_url: str, root: Path, work: Path, *,
-               packages: tuple[LockedPackage, ...] | None = None, configure: bool = True) -> None:
+               packages: tuple[LockedPackage, ...] | None = None, configure: bool = True,
+               family: Family | None = None, suite: str | None = None,
+               arch: str | None = None) -> None:
     """Populate `root` from a repository tree (see repo.make_repo_tree) at `repo_url`: a
     file:// URL on the host, or http:// when the host serves it to a builder guest. The same
     code runs in both places, so both give the same root."""
     pkgs = lock.packages if packages is None else packages
+    family = family or lock.family
     env = {"SOURCE_DATE_EPOCH": str(lock.source_date_epoch), "LC_ALL": "C.UTF-8", "TZ": "UTC"}
     work.mkdir(parents=True, exist_ok=True)
-    if lock.family is Family.DEB:
-        _bootstrap_deb(lock, pkgs, repo_url, root, env)
+    if family is Family.DEB:
+        _bootstrap_deb(arch or lock.arch, suite or lock.suite, pkgs, repo_url, root, env)
     else:
         _bootstrap_rpm(spec, lock, pkgs, repo_url, root, work, env)
-    check_installed(lock.family, pkgs, root)
+    check_installed(family, pkgs, root)
     if configure:
         apply_accounts(spec, root)
         apply_files(spec, root)
@@ -64,17 +67,17 @@ def _err(e: CommandFailed, what: str) -> BuildError:
     return BuildError(f"{what} failed: {hint.strip() or e}")
 
 
-def _bootstrap_deb(lock: Lock, pkgs: tuple[LockedPackage, ...], repo_url: str, root: Path,
-                   env: dict[str, str]) -> None:
+def _bootstrap_deb(arch: str, suite: str | None, pkgs: tuple[LockedPackage, ...], repo_url: str,
+                   root: Path, env: dict[str, str]) -> None:
     names = ",".join(p.name for p in pkgs)
     # mmdebstrap copies file:// packages into the root only when told to (copy://).
     url = "copy://" + repo_url.removeprefix("file://") if repo_url.startswith("file://") \
         else repo_url
     cmd: list[str | os.PathLike[str]] = [
         "mmdebstrap", "--mode=root", "--variant=essential", "--format=directory",
-        f"--architectures={lock.arch}", f"--include={names}",
+        f"--architectures={arch}", f"--include={names}",
         "--aptopt=Acquire::Languages \"none\"", "--quiet",
-        lock.suite or "stable", root, f"deb [trusted=yes] {url}/{DEB_DIR} ./",
+        suite or "stable", root, f"deb [trusted=yes] {url}/{DEB_DIR} ./",
     ]
     try:
         run.run(cmd, capture=True, extra_env=env)

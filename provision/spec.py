@@ -99,6 +99,10 @@ class Vm:
     disk_mib: int = 8192
     user: str = "builder"
     memory_mib: int = 2048
+    # The builder is a Debian machine. A deb environment's builder comes from the environment's
+    # own repos; an rpm environment names Debian repos for its builder here (as mock runs dnf on
+    # a non-RHEL host).
+    repos: tuple[Repo, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -365,18 +369,28 @@ DEFAULT_VM_PACKAGES = ("linux-image-amd64", "systemd-sysv", "openssh-server", "s
                        "isc-dhcp-client", "python3", "python3-yaml", "mmdebstrap", "zstd")
 
 
-def _vm(c: _Checker, node: yaml.Node) -> Vm | None:
-    m = c.mapping(node, "vm", {"packages", "disk_mib", "user", "memory_mib"}, set())
+RPM_BUILDER_PACKAGES = ("dnf", "rpm")
+
+
+def _vm(c: _Checker, node: yaml.Node, family: Family | None) -> Vm | None:
+    m = c.mapping(node, "vm", {"packages", "disk_mib", "user", "memory_mib", "repos"}, set())
     if m is None:
         return None
+    default = DEFAULT_VM_PACKAGES + (RPM_BUILDER_PACKAGES if family is Family.RPM else ())
     packages = c.strings(m["packages"], "vm.packages", PKG_RE, "a package name") \
-        if "packages" in m else DEFAULT_VM_PACKAGES
+        if "packages" in m else default
+    repos: tuple[Repo, ...] = ()
+    if "repos" in m:
+        if family is not Family.RPM:
+            c.fail(m["repos"], "vm.repos", "only rpm environments name their builder's (Debian) repos")
+        else:
+            repos = c.seq(m["repos"], "vm.repos", lambda n, w: _repo(c, n, w, Family.DEB))
     disk = c.integer(m["disk_mib"], "vm.disk_mib", 1024, 1 << 20) if "disk_mib" in m else 8192
     memory = c.integer(m["memory_mib"], "vm.memory_mib", 256, 1 << 20) if "memory_mib" in m else 2048
     user = c.string(m["user"], "vm.user", USER_RE, "a user name") if "user" in m else "builder"
     if disk is None or memory is None or user is None:
         return None
-    return Vm(packages=packages, disk_mib=disk, user=user, memory_mib=memory)
+    return Vm(packages=packages, disk_mib=disk, user=user, memory_mib=memory, repos=repos)
 
 
 def _plain(node: yaml.Node) -> Any:
@@ -454,12 +468,12 @@ def load_spec(path: Path) -> Spec:
     if "outputs" in m:
         outs = c.seq(m["outputs"], "outputs", lambda n, w: c.choice(n, w, Output))
         outputs = tuple(dict.fromkeys((Output.CHROOT, *outs)))
-    vm = _vm(c, m["vm"]) if "vm" in m else None
+    vm = _vm(c, m["vm"], family) if "vm" in m else None
     guest = _guest(c, m["guest"]) if "guest" in m else Guest()
     wants_vm = any(o is not Output.CHROOT for o in outputs)
-    if wants_vm and family is Family.RPM:
-        c.fail(m["outputs"], "outputs", "VM images are built for deb environments only "
-               "(an rpm chroot can be built inside a deb builder)")
+    if wants_vm and family is Family.RPM and (vm is None or not vm.repos):
+        c.fail(m.get("vm", m["outputs"]), "vm.repos", "an rpm environment's builder is a Debian "
+               "machine: name its Debian repos in vm.repos")
     if wants_vm and vm is None:
         vm = Vm(packages=DEFAULT_VM_PACKAGES)
     if c.problems or name is None or family is None or arch is None:

@@ -22,7 +22,7 @@ from provision.lock import Lock
 from provision.packer import ANSIBLE_DIR, CHROOTS_IN_GUEST, build_image, bundle
 from provision.repo import make_repo_tree
 from provision.rootfs import build_root
-from provision.spec import Output, Spec, Vm
+from provision.spec import Family, Output, Spec, Vm
 
 
 @dataclass(frozen=True)
@@ -54,9 +54,11 @@ def build_vm(spec: Spec, lock: Lock, cache: PackageCache, work: Path, *,
     accel = choose_accelerator(accelerator)
     # 1. the builder's root from its locked packages, made bootable
     vm_root = work / "vm-root"
-    vm_tree = make_repo_tree(lock, cache, work / "vm-repo", lock.vm_packages)
+    vm_tree = make_repo_tree(lock, cache, work / "vm-repo", lock.vm_packages, family=Family.DEB,
+                             suite=lock.vm_suite)
     build_root(spec, lock, vm_tree.as_uri(), vm_root, work / "vm-work",
-               packages=lock.vm_packages, configure=False)
+               packages=lock.vm_packages, configure=False, family=Family.DEB,
+               suite=lock.vm_suite, arch=lock.vm_arch)
     key = work / "builder_key"
     run.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"provision-{spec.name}",
              "-f", key], capture=True)
@@ -70,7 +72,7 @@ def build_vm(spec: Spec, lock: Lock, cache: PackageCache, work: Path, *,
     extra_vars = {
         **spec.guest.vars_dict(),
         "provision_builder_user": vm.user,
-        "provision_builder_packages": sorted({p.name for p in lock.packages}),
+        "provision_builder_packages": sorted({p.name for p in lock.vm_packages}),
         "provision_chroot_name": spec.name,
         "provision_chroot_root": CHROOTS_IN_GUEST,
         "provision_chroot_repo_url": "http://{{ packer_http_addr }}",

@@ -109,3 +109,21 @@ def test_host_mirror_comes_from_apt_sources(tmp_path: Path) -> None:
         expand("${NOPE}", "here", {})
     # the machine's own apt sources name a mirror (the tests' deb environment uses it)
     assert host_debian_mirror() is not None
+
+
+def test_vm_outputs(tmp_path: Path) -> None:
+    rpm = ("name: x\nfamily: rpm\narch: x86_64\npackages: [a]\nrepos:\n"
+           "  - {name: r, baseurl: 'http://127.0.0.1:9/', gpgcheck: false}\n"
+           "outputs: [qcow2]\n")
+    with pytest.raises(SpecError, match="name its Debian repos in vm.repos"):
+        load_spec(write(tmp_path, rpm))
+    spec = load_spec(write(tmp_path, rpm + "vm:\n  repos:\n    - {name: d, baseurl: 'http://127.0.0.1:9/',"
+                                            " suite: s, components: [main], trusted: true}\n"))
+    assert spec.vm is not None and spec.vm.repos[0].suite == "s"
+    assert "dnf" in spec.vm.packages  # the builder makes the rpm chroot with dnf
+    deb = ("name: x\nfamily: deb\narch: amd64\npackages: [a]\nrepos:\n"
+           "  - {name: d, baseurl: 'http://127.0.0.1:9/', suite: s, components: [main], trusted: true}\n")
+    spec = load_spec(write(tmp_path, deb + "outputs: [qcow2, vagrant]\n"))
+    assert spec.vm is not None and "linux-image-amd64" in spec.vm.packages
+    with pytest.raises(SpecError, match="outputs\\[0\\]: 'iso' is not one of"):
+        load_spec(write(tmp_path, deb + "outputs: [iso]\n"))

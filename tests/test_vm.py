@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from envtools import Cli
 from vagrantutil import VagrantUp, libvirt  # noqa: F401  (a fixture)
+from yumrepo import YumRepo
 
 from provision import run
 from provision.build import build
@@ -138,3 +139,45 @@ def test_vagrant_up_from_the_catalog_and_validate_the_box(built: dict[str, Any],
                                      extra_env={"VAGRANT_HOME": str(tmp_path / "vagrant-home")}))
         out, _ = c("validate", "tiny-builder", "--target", f"ssh-config:{config}")
         assert "FAIL" not in out, out
+
+
+RPM_SPEC = """\
+name: toy-in-builder
+family: rpm
+arch: x86_64
+repos:
+  - name: toy
+    baseurl: {url}
+    gpgkey: {url}RPM-GPG-KEY-provision-test
+packages: [demo-tools]
+users:
+  - name: mockbuild
+    uid: 1001
+"""
+RPM_VM = """\
+outputs: [chroot, qcow2]
+vm:
+  repos:
+    - name: debian
+      baseurl: ${HOST_DEBIAN_MIRROR}
+      suite: bookworm
+      components: [main]
+      keyring: /usr/share/keyrings/debian-archive-keyring.gpg
+"""
+
+
+def test_rpm_chroot_built_inside_a_deb_builder_has_the_host_built_digest(
+        yum_repo: tuple[YumRepo, str], tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """As mock does on a non-RHEL host: dnf in the Debian builder guest makes the rpm chroot."""
+    _repo, url = yum_repo
+    in_vm = tmp_path / "vm" / "toy.yaml"
+    on_host = tmp_path / "host" / "toy.yaml"
+    for path, text in ((in_vm, RPM_SPEC + RPM_VM), (on_host, RPM_SPEC)):
+        path.parent.mkdir()
+        path.write_text(text.replace("{url}", url))
+    started = time.monotonic()
+    vm = build(load_spec(in_vm), open_store(str(tmp_path / "store")), cache_dir=tmp_path / "cache")
+    print(f"\n[test_vm] rpm chroot in a deb builder: {time.monotonic() - started:.0f} s")
+    host = Cli(tmp_path / "host-store", tmp_path / "cache", capfd).json("build", str(on_host))
+    assert vm.version.digest == host["digest"]
+    assert set(vm.version.artifacts) == {"qcow2", "ssh-key"}
