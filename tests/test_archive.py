@@ -504,6 +504,8 @@ def test_interrupted_archive_leaves_nothing(tmp_path: Path) -> None:
     src = random_tree(tmp_path / "src", 48)
     out = tmp_path / "out"
     out.mkdir()
+    # A shell that starts us in the background leaves SIGINT ignored: Ctrl-C's handler is set here.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))
     timer.start()
     try:
@@ -513,6 +515,7 @@ def test_interrupted_archive_leaves_nothing(tmp_path: Path) -> None:
             )
     finally:
         timer.cancel()
+        signal.signal(signal.SIGINT, previous)
     assert leftovers(out) == []
 
 
