@@ -14,7 +14,7 @@ from pathlib import Path
 
 from provision.archive import Compression, write_archive
 from provision.cache import PackageCache, default_cache_dir
-from provision.errors import LockError
+from provision.errors import LockError, StoreError
 from provision.index import Index, Version
 from provision.lock import Lock, check_forbidden, lock_spec, read_lock
 from provision.rootfs import BuildError, bootstrap, scratch
@@ -49,6 +49,8 @@ def ensure_lock(spec: Spec, *, relock: bool = False) -> Lock:
 def build(spec: Spec, store: Store, *, relock: bool = False, cache_dir: Path | None = None,
           keep_root: Path | None = None, tags: tuple[str, ...] = ("latest",),
           accelerator: str | None = None) -> BuildResult:
+    if not store.writable:
+        raise StoreError(f"{store.url} is a read-only store: build into a local one, then publish")
     lock = ensure_lock(spec, relock=relock)
     cache_root = cache_dir or default_cache_dir()
     cache = PackageCache(cache_root / "packages")

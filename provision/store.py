@@ -43,6 +43,7 @@ def blob_key(digest: str) -> str:
 
 class Store(ABC):
     url: str
+    writable: bool = True
 
     @abstractmethod
     def has_blob(self, digest: str) -> bool: ...
@@ -150,6 +151,8 @@ class LocalStore(Store):
 
 class HttpStore(Store):
     """A store served by any static HTTP server: read-only."""
+
+    writable = False
 
     def __init__(self, url: str) -> None:
         self.url = url.rstrip("/") + "/"
