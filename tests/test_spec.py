@@ -115,7 +115,7 @@ def test_vm_outputs(tmp_path: Path) -> None:
     rpm = ("name: x\nfamily: rpm\narch: x86_64\npackages: [a]\nrepos:\n"
            "  - {name: r, baseurl: 'http://127.0.0.1:9/', gpgcheck: false}\n"
            "outputs: [qcow2]\n")
-    with pytest.raises(SpecError, match="name its Debian repos in vm.repos"):
+    with pytest.raises(SpecError, match=r"name its Debian repos in vm\.repos"):
         load_spec(write(tmp_path, rpm))
     spec = load_spec(write(tmp_path, rpm + "vm:\n  repos:\n    - {name: d, baseurl: 'http://127.0.0.1:9/',"
                                             " suite: s, components: [main], trusted: true}\n"))
