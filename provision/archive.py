@@ -24,7 +24,7 @@ from typing import IO
 
 from provision.errors import ArchiveError, CommandFailed
 from provision.fsutil import fsync_dir
-from provision.run import check_returncode, popen, require
+from provision.run import check_returncode, popen, require, stop
 
 log = logging.getLogger("provision.archive")
 
@@ -238,7 +238,7 @@ def _pipeline(
                 compression=compression,
             )
         finally:
-            _stop(procs, pump)
+            stop(procs, pump)
 
 
 def tar_error_line(stderr: str) -> str:
@@ -249,23 +249,6 @@ def tar_error_line(stderr: str) -> str:
         ln for ln in lines if "Exiting with failure status" not in ln and "Error is not recoverable" not in ln
     ]
     return (causes or lines or [""])[0]
-
-
-def _stop(procs: list[subprocess.Popen[bytes]], pump: threading.Thread | None = None) -> None:
-    """Kill whatever is still running (after a failure), reap it and close its pipes."""
-    for proc in procs:
-        if proc.poll() is None:
-            with contextlib.suppress(OSError):
-                proc.kill()
-    for proc in procs:
-        proc.wait()
-    if pump is not None:
-        pump.join()  # its pipes ended with the processes
-    for proc in procs:
-        for f in (proc.stdin, proc.stdout):
-            if f is not None:
-                with contextlib.suppress(OSError):
-                    f.close()
 
 
 def _tail(f: IO[bytes]) -> str:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shlex
 import shutil
 import subprocess
+import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -107,6 +109,24 @@ def check_returncode(proc: subprocess.Popen[bytes], stderr_text: str = "") -> No
         argv = _argv(proc.args if isinstance(proc.args, list) else [str(proc.args)])
         log.debug("command failed (exit %d): %s", rc, shlex.join(argv))
         raise CommandFailed(argv, rc, stderr_text)
+
+
+def stop(procs: Sequence[subprocess.Popen[bytes]], pump: threading.Thread | None = None) -> None:
+    """After a failure in a pipeline: kill what still runs, reap it, wait for the thread that
+    pumped its pipes (their ends closed with the processes), then close the pipes."""
+    for proc in procs:
+        if proc.poll() is None:
+            with contextlib.suppress(OSError):
+                proc.kill()
+    for proc in procs:
+        proc.wait()
+    if pump is not None:
+        pump.join()
+    for proc in procs:
+        for f in (proc.stdin, proc.stdout):
+            if f is not None:
+                with contextlib.suppress(OSError):
+                    f.close()
 
 
 def execv(cmd: Sequence[Arg]) -> None:

@@ -8,7 +8,6 @@ opened once and all three passes read the same open file, so it cannot be swappe
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import logging
@@ -26,6 +25,7 @@ from provision.archive import TAR_ENV, Compression, tar_error_line
 from provision.errors import ArchiveError, CommandFailed, DigestMismatch
 from provision.fsutil import fsync_dir
 from provision.run import check_returncode, popen, run
+from provision.run import stop as stop_pipeline
 
 log = logging.getLogger("provision.unpack")
 
@@ -172,7 +172,7 @@ def _extract(f: IO[bytes], compression: Compression, tmp: Path) -> None:
                 check_returncode(dec, _text(dec_err))
             check_returncode(tar, tar_error_line(_text(tar_err)))
         finally:
-            _stop(procs)
+            stop_pipeline(procs)
 
 
 class _BadStream(Exception):
@@ -206,7 +206,7 @@ def _check_stream(f: IO[bytes], compression: Compression, label: Path) -> int:
             _raise_decompressor_failure(dec, dec_err, compression, label)
             return checker.count
         finally:
-            _stop([dec])
+            stop_pipeline([dec])
 
 
 def _raise_decompressor_failure(
@@ -216,19 +216,6 @@ def _raise_decompressor_failure(
         lines = _text(err).strip().splitlines()
         why = lines[-1] if lines else f"exit code {dec.returncode}"
         raise ArchiveError(f"{label}: corrupt or truncated {compression} stream: {why}")
-
-
-def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
-    for proc in procs:
-        if proc.poll() is None:
-            with contextlib.suppress(OSError):
-                proc.kill()
-    for proc in procs:
-        proc.wait()
-        for pipe in (proc.stdin, proc.stdout):
-            if pipe is not None:
-                with contextlib.suppress(OSError):
-                    pipe.close()
 
 
 def _text(f: IO[bytes]) -> str:
