@@ -26,6 +26,23 @@ def _cache(args: argparse.Namespace) -> Path | None:
     return Path(args.cache) if args.cache else None
 
 
+def _public_key(value: str | None) -> str | None:
+    """--public-key: the key itself (ed25519:...) or a file holding it (KEY.pub)."""
+    if not value or value.startswith("ed25519:"):
+        return value
+    try:
+        return Path(value).read_text().strip()
+    except OSError as e:
+        raise ProvisionError(f"cannot read public key {value}: {e.strerror}") from None
+
+
+def _store(args: argparse.Namespace, url: str | None = None) -> Any:
+    from provision.store import open_store
+
+    return open_store(url or args.store, public_key=_public_key(args.public_key),
+                      signing_key=Path(args.signing_key) if args.signing_key else None)
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     from provision.spec import load_spec
 
@@ -61,10 +78,9 @@ def cmd_lock(args: argparse.Namespace) -> int:
 def cmd_build(args: argparse.Namespace) -> int:
     from provision.build import build
     from provision.spec import load_spec
-    from provision.store import open_store
 
     spec = load_spec(Path(args.spec))
-    result = build(spec, open_store(args.store), relock=args.relock, cache_dir=_cache(args),
+    result = build(spec, _store(args), relock=args.relock, cache_dir=_cache(args),
                    accelerator=args.accelerator)
     v = result.version
     if args.json:
@@ -82,7 +98,7 @@ def _target(args: argparse.Namespace) -> tuple[Any, Any]:
     from provision.fetch import resolve_target
 
     ref = parse_ref(args.ref) if args.ref else None
-    return resolve_target(ref, args.store)
+    return resolve_target(ref, args.store, _public_key(args.public_key))
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:
@@ -126,26 +142,64 @@ def cmd_shell(args: argparse.Namespace) -> int:
 
 def cmd_pin(args: argparse.Namespace) -> int:
     from provision.pin import PIN_FILE, Pin, write_pin
-    from provision.store import default_store_url, open_store
+    from provision.store import default_store_url
 
     ref = parse_ref(args.ref)
-    store = open_store(args.store)
-    _env, version = store.read_index().resolve(ref)
+    store = _store(args)
+    index = store.read_index()
+    _env, version = index.resolve(ref)
     path = Path(args.file or PIN_FILE)
-    pin = Pin(ref.name, version.digest, args.store or default_store_url())
+    # The signing key: the one given or configured, else the one the index is signed by now
+    # (trust on first use, as ssh's known_hosts): from then on, only that key is accepted.
+    key = store.trusted_key or index.signed_by
+    pin = Pin(ref.name, version.digest, args.store or default_store_url(), key)
     write_pin(pin, path)
     if args.json:
         _print_json({"name": pin.name, "digest": pin.digest, "store": pin.store,
-                     "file": str(path)})
+                     "public_key": pin.public_key, "file": str(path)})
     else:
         print(f"{path}: {pin.name}@{pin.digest}")
+        if key and not store.trusted_key:
+            print(f"provision: pinned the index's signing key {key}", file=sys.stderr)
+    return 0
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from provision.config import default_signing_key
+    from provision.signing import generate_key
+
+    path = Path(args.out) if args.out else default_signing_key()
+    signer = generate_key(path, force=args.force)
+    if args.json:
+        _print_json({"private_key": str(path), "public_key": signer.public_key,
+                     "public_key_file": str(path) + ".pub"})
+    else:
+        print(signer.public_key)
+        print(f"provision: wrote {path} (keep it secret) and {path}.pub; indexes written with "
+              f"it are signed", file=sys.stderr)
+    return 0
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    from provision.publish import publish
+
+    ref = parse_ref(args.ref)
+    regions = [r for r in (args.ami_regions or "").split(",") if r]
+    got = publish(ref, _store(args), _store(args, args.to), ami_regions=regions)
+    if args.json:
+        _print_json({"name": got.name, "digest": got.version.digest, "store": got.store,
+                     "public_url": got.public_url, "copied": got.copied, "amis": got.amis})
+    else:
+        print(f"{got.name}@{got.version.digest} -> {got.store}")
+        if got.public_url:
+            print(f"consumers: provision fetch {got.name} --store {got.public_url}")
+        for region, ami in sorted(got.amis.items()):
+            print(f"{region}: {ami}")
     return 0
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from provision.store import open_store
-
-    store = open_store(args.store)
+    store = _store(args)
     index = store.read_index()
     if args.json:
         _print_json({"store": store.url, "environments": {
@@ -179,6 +233,12 @@ def parser() -> argparse.ArgumentParser:
                              "~/.local/share/provision/store)")
     common.add_argument("--cache", default=None,
                         help="cache directory (default: ~/.cache/provision)")
+    common.add_argument("--public-key", default=None, metavar="KEY",
+                        help="only accept an index signed by this key (ed25519:... or a .pub "
+                             "file; default: the pin file's, the config's, $PROVISION_PUBLIC_KEY)")
+    common.add_argument("--signing-key", default=None, metavar="PATH",
+                        help="sign the index with this key (default: $PROVISION_SIGNING_KEY, the "
+                             "config's, or ~/.config/provision/signing.key if it exists)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     s = sub.add_parser("check", parents=[common], help="validate a spec")
@@ -202,7 +262,7 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("run", parents=[common], help="run a command in an environment",
                        usage="provision run [REF] -- CMD [ARG ...]")
     s.add_argument("ref", nargs="?")
-    s.add_argument("command", nargs=argparse.REMAINDER)
+    s.add_argument("command", nargs="*", help="after --: the command and its arguments")
     s.set_defaults(func=cmd_run)
     s = sub.add_parser("shell", parents=[common], help="an interactive shell in an environment")
     s.add_argument("ref", nargs="?")
@@ -213,9 +273,29 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_pin)
     s = sub.add_parser("list", parents=[common], help="list environments, versions and tags")
     s.set_defaults(func=cmd_list)
+    s = sub.add_parser("publish", parents=[common],
+                       help="copy an environment to another store (a path or s3://bucket/prefix)")
+    s.add_argument("ref", help="NAME, NAME:TAG or NAME@sha256:HEX in --store")
+    s.add_argument("--to", required=True, metavar="URL",
+                   help="destination store: s3://BUCKET/PREFIX[?endpoint=URL&region=R] or a path")
+    s.add_argument("--ami-regions", metavar="R1,R2",
+                   help="also make public AMIs from the VM image: imported in the first region, "
+                        "copied to the others")
+    s.set_defaults(func=cmd_publish)
+    s = sub.add_parser("keygen", parents=[common], help="make an Ed25519 key to sign indexes")
+    s.add_argument("--out", metavar="PATH",
+                   help="private key file (default: ~/.config/provision/signing.key)")
+    s.add_argument("--force", action="store_true", help="replace an existing key")
+    s.set_defaults(func=cmd_keygen)
     from provision.validate import add_parser as add_validate_parser
 
     add_validate_parser(sub, parents=[common])
+    try:
+        from provision.ami import add_parser as add_ami_parser
+    except ImportError:  # pragma: no cover - while ami.py is being written
+        pass
+    else:
+        add_ami_parser(sub, parents=[common])
     return p
 
 

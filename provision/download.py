@@ -14,7 +14,7 @@ import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -87,15 +87,28 @@ def download(url: str, dest: Path, *, sha256: str | None = None, size: int | Non
 
     Nothing is left at `dest` (nor a temp file) unless the whole download verified.
     """
+    with open_url(url) as (src, length):
+        def chunks() -> Iterator[bytes]:
+            while chunk := _read(src, url):
+                yield chunk
+
+        return save_stream(chunks(), dest, what=url, sha256=sha256, size=size, length=length,
+                           progress=progress, label=label)
+
+
+def save_stream(chunks: Iterable[bytes], dest: Path, *, what: str, sha256: str | None = None,
+                size: int | None = None, length: int | None = None,
+                progress: Progress | None = None, label: str | None = None) -> str:
+    """Write `chunks` to `dest` atomically, verified like `download`; return the hex digest."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
     tmp = Path(tmp_name)
     h = hashlib.sha256()
     own_bar = progress is None and label is not None
     try:
-        with os.fdopen(fd, "wb") as out, open_url(url) as (src, length):
+        with os.fdopen(fd, "wb") as out:
             bar = progress or (Progress(label, size or length) if label else None)
-            while chunk := _read(src, url):
+            for chunk in chunks:
                 h.update(chunk)
                 out.write(chunk)
                 if bar is not None:
@@ -106,12 +119,12 @@ def download(url: str, dest: Path, *, sha256: str | None = None, size: int | Non
             os.fsync(out.fileno())
             got = out.tell()
         if length is not None and got != length:
-            raise ProvisionError(f"download of {url} was cut short ({got} of {length} bytes)")
+            raise ProvisionError(f"download of {what} was cut short ({got} of {length} bytes)")
         if size is not None and got != size:
-            raise DigestMismatch(f"{url}: expected {size} bytes, got {got}")
+            raise DigestMismatch(f"{what}: expected {size} bytes, got {got}")
         digest = h.hexdigest()
         if sha256 is not None and digest != sha256:
-            raise DigestMismatch(f"{url}: expected sha256:{sha256}, got sha256:{digest}")
+            raise DigestMismatch(f"{what}: expected sha256:{sha256}, got sha256:{digest}")
         os.rename(tmp, dest)
         return digest
     except OSError as e:

@@ -35,16 +35,18 @@ def root_path(digest: str, cache_dir: Path | None = None) -> Path:
     return roots_dir(cache_dir) / digest.replace(":", "-")
 
 
-def resolve_target(ref: Ref | None, store_url: str | None) -> tuple[Ref, Store]:
-    """A reference and its store: given explicitly, or read from the pin file."""
+def resolve_target(ref: Ref | None, store_url: str | None, public_key: str | None = None
+                   ) -> tuple[Ref, Store]:
+    """A reference and its store: given explicitly, or read from the pin file (whose signing
+    key, if it pins one, the store's index must be signed by)."""
     if ref is not None:
-        return ref, open_store(store_url)
+        return ref, open_store(store_url, public_key=public_key)
     pin_path = find_pin()
     if pin_path is None:
         raise ProvisionError("no environment given and no provision.pin here or above "
                              "(run `provision pin NAME` first)")
     pin = read_pin(pin_path)
-    return pin.ref, open_store(store_url or pin.store)
+    return pin.ref, open_store(store_url or pin.store, public_key=public_key or pin.public_key)
 
 
 def fetch(ref: Ref, store: Store, *, cache_dir: Path | None = None) -> Fetched:

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from provision.errors import StoreError
+from provision.signing import Signer, sign_document, verify_document
 
 INDEX_SCHEMA = 1
 DIGEST_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
@@ -34,6 +35,8 @@ class Version:
     packages: tuple[str, ...]  # "name evr arch"
     # Other outputs of the same environment version: "qcow2", "vagrant" -> blob digest.
     artifacts: dict[str, str] = field(default_factory=dict)
+    # Public AMIs made from the version's VM image: region -> AMI id.
+    amis: dict[str, str] = field(default_factory=dict)
 
     @property
     def package_count(self) -> int:
@@ -44,6 +47,7 @@ class Version:
         d["packages"] = list(self.packages)
         d["package_count"] = self.package_count
         d["artifacts"] = dict(sorted(self.artifacts.items()))
+        d["amis"] = dict(sorted(self.amis.items()))
         return d
 
     @classmethod
@@ -54,6 +58,7 @@ class Version:
             compression=d["compression"], source_date_epoch=int(d["source_date_epoch"]),
             packages=tuple(d["packages"]),
             artifacts=dict(d.get("artifacts", {})),
+            amis=dict(d.get("amis", {})),
         )
 
 
@@ -92,10 +97,12 @@ def parse_ref(text: str) -> Ref:
 @dataclass(frozen=True)
 class Index:
     environments: dict[str, Environment] = field(default_factory=dict)
+    # The public key the index was signed by, when read from a signed index.
+    signed_by: str | None = field(default=None, compare=False)
 
     # ------------------------------------------------------------------ (de)serialization
-    def to_json(self) -> str:
-        data = {
+    def to_json(self, signer: Signer | None = None) -> str:
+        data: dict[str, Any] = {
             "schema": INDEX_SCHEMA,
             "environments": {
                 name: {
@@ -105,12 +112,19 @@ class Index:
                 for name, env in sorted(self.environments.items())
             },
         }
+        if signer is not None:
+            data = sign_document(data, signer)
         return json.dumps(data, indent=1, sort_keys=True) + "\n"
 
     @classmethod
-    def from_json(cls, text: str | bytes, where: str = "index.json") -> Index:
+    def from_json(cls, text: str | bytes, where: str = "index.json",
+                  trusted_key: str | None = None) -> Index:
+        """Parse an index; with `trusted_key`, only one signed by that key is accepted."""
         try:
             data = json.loads(text)
+            if not isinstance(data, dict):
+                raise StoreError(f"{where}: not a valid index (not a JSON object)")
+            signed_by = verify_document(data, trusted_key, where)
             if data.get("schema") != INDEX_SCHEMA:
                 raise StoreError(f"{where}: index schema {data.get('schema')!r} is not supported")
             envs = {}
@@ -120,7 +134,7 @@ class Index:
                     if not DIGEST_RE.match(v.digest):
                         raise StoreError(f"{where}: {name} has a malformed digest {v.digest!r}")
                 envs[name] = Environment(name, versions, dict(e.get("tags", {})))
-            return cls(envs)
+            return cls(envs, signed_by)
         except StoreError:
             raise
         except (ValueError, KeyError, TypeError, AttributeError) as e:
@@ -155,8 +169,19 @@ class Index:
         if old is None:
             versions = (*env.versions, version)
         else:
-            merged = replace(old, artifacts={**old.artifacts, **version.artifacts})
+            merged = replace(old, artifacts={**old.artifacts, **version.artifacts},
+                             amis={**old.amis, **version.amis})
             versions = tuple(merged if v.digest == version.digest else v for v in env.versions)
         new_tags = {**env.tags, **{t: version.digest for t in tags}}
         envs = {**self.environments, name: replace(env, versions=versions, tags=new_tags)}
         return Index(envs)
+
+    def with_amis(self, name: str, digest: str, amis: dict[str, str]) -> Index:
+        """Record AMI ids (region -> id) for a version already in the index."""
+        env = self.environments.get(name)
+        old = env.version(digest) if env else None
+        if env is None or old is None:
+            raise StoreError(f"{name}@{digest} is not in the index")
+        new = replace(old, amis={**old.amis, **amis})
+        versions = tuple(new if v.digest == digest else v for v in env.versions)
+        return Index({**self.environments, name: replace(env, versions=versions)})

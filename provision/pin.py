@@ -9,6 +9,7 @@ from pathlib import Path
 from provision.errors import ProvisionError
 from provision.fsutil import write_atomic
 from provision.index import DIGEST_RE, Ref, parse_ref
+from provision.signing import parse_public_key
 
 PIN_FILE = "provision.pin"
 
@@ -18,6 +19,8 @@ class Pin:
     name: str
     digest: str
     store: str
+    # The key the store's index must be signed by (None: not pinned).
+    public_key: str | None = None
 
     @property
     def ref(self) -> Ref:
@@ -36,7 +39,9 @@ def find_pin(start: Path | None = None) -> Path | None:
 def read_pin(path: Path) -> Pin:
     try:
         data = json.loads(path.read_text())
-        pin = Pin(name=data["name"], digest=data["digest"], store=data["store"])
+        key = data.get("public_key")
+        pin = Pin(name=data["name"], digest=data["digest"], store=data["store"],
+                  public_key=parse_public_key(str(key), f"{path}: public_key") if key else None)
     except FileNotFoundError:
         raise ProvisionError(f"{path}: no pin file") from None
     except (OSError, ValueError, KeyError, TypeError) as e:
@@ -48,8 +53,10 @@ def read_pin(path: Path) -> Pin:
 
 
 def write_pin(pin: Pin, path: Path) -> None:
-    text = json.dumps({"name": pin.name, "digest": pin.digest, "store": pin.store},
-                      indent=1, sort_keys=True) + "\n"
+    data = {"name": pin.name, "digest": pin.digest, "store": pin.store}
+    if pin.public_key:
+        data["public_key"] = pin.public_key
+    text = json.dumps(data, indent=1, sort_keys=True) + "\n"
     try:
         write_atomic(path, text)
     except OSError as e:

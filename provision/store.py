@@ -20,10 +20,12 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from provision.config import load_config
 from provision.download import NotFound, download, fetch_bytes
 from provision.errors import DigestMismatch, ProvisionError, StoreError
 from provision.fsutil import file_digest, fsync_dir, write_atomic
 from provision.index import DIGEST_RE, Index
+from provision.signing import Signer, load_signer, parse_public_key
 
 INDEX = "index.json"
 
@@ -44,6 +46,13 @@ def blob_key(digest: str) -> str:
 class Store(ABC):
     url: str
     writable: bool = True
+    # Consumers: the public key an index must be signed by (None: a signature is checked if
+    # present, an unsigned index is accepted). Publishers: the key that signs every index write.
+    trusted_key: str | None = None
+    signing_key: Path | None = None
+
+    def signer(self) -> Signer | None:
+        return load_signer(self.signing_key) if self.signing_key else None
 
     @abstractmethod
     def has_blob(self, digest: str) -> bool: ...
@@ -121,7 +130,7 @@ class LocalStore(Store):
     def read_index(self) -> Index:
         path = self.root / INDEX
         try:
-            return Index.from_json(path.read_bytes(), str(path))
+            return Index.from_json(path.read_bytes(), str(path), self.trusted_key)
         except FileNotFoundError:
             return Index()
         except OSError as e:
@@ -139,11 +148,12 @@ class LocalStore(Store):
             yield
 
     def update_index(self, change: Callable[[Index], Index]) -> Index:
+        signer = self.signer()
         with self._locked():
             new = change(self.read_index())
             path = self.root / INDEX
             try:
-                write_atomic(path, new.to_json())
+                write_atomic(path, new.to_json(signer))
             except OSError as e:
                 raise StoreError(f"cannot write {path}: {e.strerror}") from None
             return new
@@ -181,7 +191,7 @@ class HttpStore(Store):
     def read_index(self) -> Index:
         url = self._url(INDEX)
         try:
-            return Index.from_json(fetch_bytes(url), url)
+            return Index.from_json(fetch_bytes(url), url, self.trusted_key)
         except NotFound:
             raise StoreError(f"{self.url} is not a store (no {INDEX})") from None
 
@@ -189,14 +199,27 @@ class HttpStore(Store):
         raise StoreError(f"{self.url} is a read-only store (served over HTTP)")
 
 
-def open_store(url: str | None = None) -> Store:
-    """A store from a URL: a path or file:// (local directory), http(s):// (read-only)."""
+def open_store(url: str | None = None, *, public_key: str | None = None,
+               signing_key: Path | None = None) -> Store:
+    """A store from a URL: a path or file:// (local directory), http(s):// (read-only),
+    s3://bucket/prefix. The trusted public key and the signing key default to the config's."""
     url = url or default_store_url()
     parts = urllib.parse.urlsplit(url)
+    store: Store
     if parts.scheme in ("http", "https"):
-        return HttpStore(url)
-    if parts.scheme == "file":
-        return LocalStore(Path(urllib.parse.unquote(parts.path)))
-    if parts.scheme == "":
-        return LocalStore(Path(url).expanduser().absolute())
-    raise ProvisionError(f"unsupported store URL {url!r} (use a path, file://, http:// or https://)")
+        store = HttpStore(url)
+    elif parts.scheme == "s3":
+        from provision.s3 import S3Store
+
+        store = S3Store(url)
+    elif parts.scheme == "file":
+        store = LocalStore(Path(urllib.parse.unquote(parts.path)))
+    elif parts.scheme == "":
+        store = LocalStore(Path(url).expanduser().absolute())
+    else:
+        raise ProvisionError(f"unsupported store URL {url!r} "
+                             "(use a path, file://, http://, https:// or s3://)")
+    config = load_config()
+    store.trusted_key = parse_public_key(public_key) if public_key else config.trusted_key(url)
+    store.signing_key = signing_key or config.signing_key
+    return store

@@ -380,7 +380,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from provision.index import parse_ref
 
     cache = Path(args.cache) if getattr(args, "cache", None) else None
-    ref, store = resolve_target(parse_ref(args.ref) if args.ref else None, args.store)
+    ref, store = resolve_target(parse_ref(args.ref) if args.ref else None, args.store,
+                                args.public_key)
     _env, version = store.read_index().resolve(ref)
     if args.target == "chroot":
         target = str(Target("chroot", root=fetch(ref, store, cache_dir=cache).root))
