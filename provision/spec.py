@@ -60,6 +60,9 @@ class Repo:
     trusted: bool = False
     gpgkey: tuple[str, ...] = ()
     gpgcheck: bool = True
+    # rpm: the repo of the source packages (SRPMs) its packages were built from. Read by
+    # `provision sources` only; not part of the spec's digest (it changes nothing built).
+    sources: str | None = None
 
     def verified(self, family: Family) -> bool:
         return self.gpgcheck if family is Family.RPM else not self.trusted
@@ -89,6 +92,15 @@ class File:
     owner: int = 0
     group: int = 0
     source: str | None = None  # the file beside the spec it was read from, if any
+
+
+@dataclass(frozen=True)
+class Allow:
+    """A publish-gate finding accepted on purpose: one path (and optionally one rule), with why."""
+
+    path: str
+    reason: str
+    rule: str | None = None
 
 
 @dataclass(frozen=True)
@@ -135,6 +147,8 @@ class Spec:
     outputs: tuple[Output, ...] = (Output.CHROOT,)
     vm: Vm | None = None
     guest: Guest = Guest()
+    # Publish-gate exceptions. Not part of the digest: they change nothing that is built.
+    allow: tuple[Allow, ...] = ()
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
     @property
@@ -151,6 +165,12 @@ class Spec:
         data = asdict(self)
         data.pop("path")
         data.pop("warnings")
+        data.pop("allow")
+        for repo in data["repos"]:
+            repo.pop("sources")
+        if data["vm"]:
+            for repo in data["vm"]["repos"]:
+                repo.pop("sources")
         data["files"] = [
             {**f, "content": hashlib.sha256(f["content"]).hexdigest()} for f in data["files"]
         ]
@@ -268,7 +288,7 @@ def _abs_path(c: _Checker, node: yaml.Node, where: str) -> str | None:
 def _repo(c: _Checker, node: yaml.Node, where: str, family: Family | None) -> Repo | None:
     common = {"name", "baseurl"}
     deb = {"suite", "components", "keyring", "trusted"}
-    rpm = {"gpgkey", "gpgcheck"}
+    rpm = {"gpgkey", "gpgcheck", "sources"}
     allowed = common | (deb if family is Family.DEB else rpm if family is Family.RPM else deb | rpm)
     required = common | ({"suite", "components"} if family is Family.DEB else set())
     m = c.mapping(node, where, allowed, required)
@@ -284,6 +304,9 @@ def _repo(c: _Checker, node: yaml.Node, where: str, family: Family | None) -> Re
     keyring = c.string(m["keyring"], f"{where}.keyring") if "keyring" in m else None
     trusted = c.boolean(m["trusted"], f"{where}.trusted") if "trusted" in m else False
     gpgcheck = c.boolean(m["gpgcheck"], f"{where}.gpgcheck") if "gpgcheck" in m else True
+    sources = c.string(m["sources"], f"{where}.sources") if "sources" in m else None
+    if sources is not None and not re.match(r"^(https?|file)://|^\$\{", sources):
+        c.fail(m["sources"], f"{where}.sources", f"{sources!r} must be an http(s):// or file:// URL")
     gpgkey: tuple[str, ...] = ()
     if "gpgkey" in m:
         gk = m["gpgkey"]
@@ -296,7 +319,7 @@ def _repo(c: _Checker, node: yaml.Node, where: str, family: Family | None) -> Re
     if family is Family.RPM and gpgcheck and not gpgkey:
         c.fail(node, where, "needs a gpgkey (or `gpgcheck: false` to skip signature checks)")
     return Repo(name=name, baseurl=baseurl, suite=suite, components=comps, keyring=keyring,
-                trusted=bool(trusted), gpgkey=gpgkey, gpgcheck=bool(gpgcheck))
+                trusted=bool(trusted), gpgkey=gpgkey, gpgcheck=bool(gpgcheck), sources=sources)
 
 
 def _group(c: _Checker, node: yaml.Node, where: str) -> Group | None:
@@ -363,7 +386,8 @@ def _file(c: _Checker, node: yaml.Node, where: str, base: Path) -> File | None:
 
 
 SPEC_FIELDS = {"name", "family", "arch", "repos", "packages", "variant", "releasever", "users",
-               "groups", "files", "exclude", "forbidden", "compression", "outputs", "vm", "guest"}
+               "groups", "files", "exclude", "forbidden", "compression", "outputs", "vm", "guest",
+               "allow"}
 
 DEFAULT_VM_PACKAGES = ("linux-image-amd64", "systemd-sysv", "openssh-server", "sudo", "ifupdown",
                        "isc-dhcp-client", "python3", "python3-yaml", "mmdebstrap", "zstd")
@@ -391,6 +415,21 @@ def _vm(c: _Checker, node: yaml.Node, family: Family | None) -> Vm | None:
     if disk is None or memory is None or user is None:
         return None
     return Vm(packages=packages, disk_mib=disk, user=user, memory_mib=memory, repos=repos)
+
+
+def _allow(c: _Checker, node: yaml.Node, where: str) -> Allow | None:
+    m = c.mapping(node, where, {"path", "reason", "rule"}, {"path", "reason"})
+    if m is None:
+        return None
+    path = _abs_path(c, m["path"], f"{where}.path") if "path" in m else None
+    reason = c.string(m["reason"], f"{where}.reason") if "reason" in m else None
+    rule = c.string(m["rule"], f"{where}.rule", NAME_RE, "a rule name") if "rule" in m else None
+    if reason is not None and not reason.strip():
+        c.fail(m["reason"], f"{where}.reason", "must say why the path may be published")
+        return None
+    if path is None or not reason:
+        return None
+    return Allow(path=path, reason=reason, rule=rule)
 
 
 def _plain(node: yaml.Node) -> Any:
@@ -470,6 +509,7 @@ def load_spec(path: Path) -> Spec:
         outputs = tuple(dict.fromkeys((Output.CHROOT, *outs)))
     vm = _vm(c, m["vm"], family) if "vm" in m else None
     guest = _guest(c, m["guest"]) if "guest" in m else Guest()
+    allow = c.seq(m["allow"], "allow", lambda n, w: _allow(c, n, w)) if "allow" in m else ()
     wants_vm = any(o is not Output.CHROOT for o in outputs)
     if wants_vm and family is Family.RPM and (vm is None or not vm.repos):
         c.fail(m.get("vm", m["outputs"]), "vm.repos", "an rpm environment's builder is a Debian "
@@ -486,7 +526,7 @@ def load_spec(path: Path) -> Spec:
     return Spec(path=path, name=name, family=family, arch=arch, repos=repos, packages=packages,
                 variant=variant, releasever=releasever, users=users, groups=groups, files=files,
                 exclude=exclude, forbidden=forbidden, compression=compression, outputs=outputs,
-                vm=vm, guest=guest or Guest(), warnings=warnings)
+                vm=vm, guest=guest or Guest(), allow=allow, warnings=warnings)
 
 
 # --------------------------------------------------------------------------- variables
