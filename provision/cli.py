@@ -290,12 +290,9 @@ def parser() -> argparse.ArgumentParser:
     from provision.validate import add_parser as add_validate_parser
 
     add_validate_parser(sub, parents=[common])
-    try:
-        from provision.ami import add_parser as add_ami_parser
-    except ImportError:  # pragma: no cover - while ami.py is being written
-        pass
-    else:
-        add_ami_parser(sub, parents=[common])
+    from provision.ami import add_parser as add_ami_parser
+
+    add_ami_parser(sub, parents=[common])
     return p
 
 

@@ -6,6 +6,7 @@ are reported at once, never a traceback.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -574,3 +575,34 @@ def expand(value: str, where: str, env: Mapping[str, str] | None = None) -> str:
         return env[var]
 
     return VAR_RE.sub(sub, value)
+
+
+# --------------------------------------------------------------------------- the spec as a blob
+
+def spec_bundle(spec: Spec) -> bytes:
+    """The spec file and the files it reads, as one JSON document: published with each version
+    so that `provision verify --rebuild` can build it again from the store alone."""
+    files = {spec.path.name: base64.b64encode(spec.path.read_bytes()).decode()}
+    for rel in spec.sources:
+        files[rel] = base64.b64encode((spec.path.parent / rel).read_bytes()).decode()
+    return (json.dumps({"spec": spec.path.name, "files": files}, indent=1, sort_keys=True)
+            + "\n").encode()
+
+
+def unpack_spec_bundle(data: bytes, dest: Path) -> Path:
+    """Write a spec bundle's files under `dest`; returns the spec's path."""
+    try:
+        doc = json.loads(data)
+        name = str(doc["spec"])
+        files = {str(k): base64.b64decode(v, validate=True) for k, v in doc["files"].items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise SpecError([f"stored spec: not a valid spec bundle ({e!r})"]) from None
+    for rel, content in files.items():
+        target = (dest / rel).resolve()
+        if rel.startswith("/") or ".." in Path(rel).parts or not target.is_relative_to(dest.resolve()):
+            raise SpecError([f"stored spec: refusing file path {rel!r}"])
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(content)
+    if name not in files:
+        raise SpecError([f"stored spec: the bundle lacks its spec {name!r}"])
+    return dest / name
