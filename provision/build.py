@@ -15,10 +15,13 @@ from pathlib import Path
 from provision.archive import Compression, write_archive
 from provision.cache import PackageCache, default_cache_dir
 from provision.errors import LockError, StoreError
+from provision.fsutil import file_digest
+from provision.gate import enforce, scan_tree
 from provision.index import Index, Version
 from provision.lock import Lock, check_forbidden, lock_spec, read_lock
 from provision.rootfs import BuildError, bootstrap, scratch
-from provision.spec import Output, Spec
+from provision.sbom import make_sbom
+from provision.spec import Output, Spec, spec_bundle
 from provision.store import LocalStore, Store
 
 
@@ -48,26 +51,44 @@ def ensure_lock(spec: Spec, *, relock: bool = False) -> Lock:
 
 def build(spec: Spec, store: Store, *, relock: bool = False, cache_dir: Path | None = None,
           keep_root: Path | None = None, tags: tuple[str, ...] = ("latest",),
-          accelerator: str | None = None) -> BuildResult:
+          accelerator: str | None = None, fallback: Store | None = None,
+          lock: Lock | None = None) -> BuildResult:
+    """Build `spec` into `store`. `lock` builds from a given lock (a rebuild) instead of the
+    spec's lock file; `fallback` is a store to take packages from when the mirror lacks them.
+
+    Nothing goes into the store before the publish gate passed on the built root; the index is
+    written last."""
     if not store.writable:
         raise StoreError(f"{store.url} is a read-only store: build into a local one, then publish")
-    lock = ensure_lock(spec, relock=relock)
+    if lock is None:
+        lock = ensure_lock(spec, relock=relock)
     cache_root = cache_dir or default_cache_dir()
     cache = PackageCache(cache_root / "packages")
     wants_vm = any(o is not Output.CHROOT for o in spec.outputs)
     if wants_vm and not lock.vm_packages:
         raise LockError(f"{spec.lock_path} has no builder packages (run with --relock)")
-    cache.ensure(lock, vm=wants_vm)
+    cache.ensure(lock, vm=wants_vm, fallback=fallback)
+    for key in lock.keys:
+        cache.ensure_key(key, fallback)
     artifacts: dict[str, str] = {}
     with scratch(cache_root / "work") as work:
         root = work / "root"
         bootstrap(spec, lock, cache, root, work)
+        enforce(scan_tree(root, forbidden=spec.forbidden, allow=spec.allow, exclude=spec.exclude),
+                spec.name)
         archive = work / "archive"
         info = write_archive(root, archive, source_date_epoch=lock.source_date_epoch,
                              compression=Compression(spec.compression), exclude=spec.exclude)
-        lock_file = work / "lock.json"
-        lock_file.write_text(lock.to_json())
-        store.put_blob(lock.digest(), lock_file)
+        blobs: dict[str, Path] = {}
+        for kind, data in (("lock", lock.to_json().encode()),
+                           ("spec", spec_bundle(spec)),
+                           ("sbom", make_sbom(root, lock, name=spec.name, digest=info.digest))):
+            path = work / kind
+            path.write_bytes(data)
+            digest = file_digest(path)
+            blobs[digest] = path
+            if kind != "lock":
+                artifacts[kind] = digest
         if keep_root is not None:
             os.rename(root, keep_root)
         else:
@@ -81,8 +102,12 @@ def build(spec: Spec, store: Store, *, relock: bool = False, cache_dir: Path | N
                     f"the chroot cut from the builder image ({vm.chroot.digest}) differs from "
                     f"the one built on the host ({info.digest})")
             for kind, (digest, path) in vm.artifacts.items():
-                store.put_blob(digest, path)
+                blobs[digest] = path
                 artifacts[kind] = digest
+        # The locked packages and keys too: the store alone can rebuild the environment.
+        cache.publish(lock, store, vm=wants_vm)
+        for digest, path in blobs.items():
+            store.put_blob(digest, path)
         store.put_blob(info.digest, archive)
     version = Version(
         digest=info.digest,

@@ -164,6 +164,39 @@ def cmd_pin(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sources(args: argparse.Namespace) -> int:
+    from provision.sources import publish_sources
+
+    ref, store = _target(args)
+    bundle = publish_sources(ref, store, cache_dir=_cache(args), allow_missing=args.allow_missing)
+    if args.json:
+        _print_json({"name": ref.name, "digest": bundle.digest, "sources": len(bundle.sources),
+                     "files": len(bundle.files()), "size": bundle.size,
+                     "missing": [m.name for m in bundle.missing], "store": store.url})
+    else:
+        print(f"{ref.name}@{bundle.digest}: {len(bundle.sources)} source packages, "
+              f"{len(bundle.files())} files, {bundle.size / 1e6:.1f} MB"
+              + (f", {len(bundle.missing)} missing" if bundle.missing else "") + f" -> {store.url}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from provision.verify import verify
+
+    ref, store = _target(args)
+    got = verify(ref, store, rebuild=args.rebuild, cache_dir=_cache(args),
+                 diffoscope=args.diffoscope)
+    if args.json:
+        _print_json({"name": got.name, "digest": got.digest, "blobs": got.blobs,
+                     "rebuilt": got.rebuilt, "ok": True})
+    else:
+        what = f"{got.blobs} blobs verified"
+        if got.rebuilt:
+            what += "; the rebuild from its lock has the same digest"
+        print(f"{got.name}@{got.digest}: ok ({what})")
+    return 0
+
+
 def cmd_keygen(args: argparse.Namespace) -> int:
     from provision.config import default_signing_key
     from provision.signing import generate_key
@@ -282,6 +315,20 @@ def parser() -> argparse.ArgumentParser:
                    help="also make public AMIs from the VM image: imported in the first region, "
                         "copied to the others")
     s.set_defaults(func=cmd_publish)
+    s = sub.add_parser("sources", parents=[common],
+                       help="gather the source packages of an environment into its store")
+    s.add_argument("ref", nargs="?", help="NAME, NAME:TAG or NAME@sha256:HEX (default: the pin)")
+    s.add_argument("--allow-missing", action="store_true",
+                   help="publish even if copyleft sources are missing (they are listed)")
+    s.set_defaults(func=cmd_sources)
+    s = sub.add_parser("verify", parents=[common],
+                       help="check a version's blobs; --rebuild: rebuild it and compare")
+    s.add_argument("ref", nargs="?", help="NAME, NAME:TAG or NAME@sha256:HEX (default: the pin)")
+    s.add_argument("--rebuild", action="store_true",
+                   help="rebuild from the published spec and lock and compare the digest")
+    s.add_argument("--diffoscope", action="store_true",
+                   help="on a mismatch, also show diffoscope's report (if installed)")
+    s.set_defaults(func=cmd_verify)
     s = sub.add_parser("keygen", parents=[common], help="make an Ed25519 key to sign indexes")
     s.add_argument("--out", metavar="PATH",
                    help="private key file (default: ~/.config/provision/signing.key)")
@@ -327,6 +374,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except ProvisionError as e:
         print(f"provision: error: {e}", file=sys.stderr)
+        for line in getattr(e, "problems", ())[:200]:
+            print(f"  {line}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("provision: interrupted", file=sys.stderr)

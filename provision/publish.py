@@ -29,11 +29,42 @@ class Published:
     amis: dict[str, str]
 
 
-def version_blobs(version: Version) -> list[tuple[str, str]]:
-    """(label, digest) of every blob a version refers to."""
+def version_blobs(store: Store, version: Version, work: Path) -> list[tuple[str, str]]:
+    """(label, digest) of every blob a version refers to: the chroot archive, its lock, its
+    other outputs, the locked packages and keys, and the files of its source bundle -- the ones
+    the store has (packages and sources are there when published)."""
+    from provision.sources import manifest_digests
+    from provision.stored import read_blob, stored_lock
+
     blobs = [("chroot", version.digest), ("lock", version.lock_digest)]
     blobs += sorted(version.artifacts.items())
+    lock = stored_lock(store, version, work)
+    extra = [(f"package {p.name}", "sha256:" + p.sha256)
+             for p in (*lock.packages, *lock.vm_packages)]
+    extra += [(f"key of {k.repo}", "sha256:" + k.sha256) for k in lock.keys]
+    if "sources" in version.artifacts:
+        extra += [("source", d) for d in
+                  manifest_digests(read_blob(store, version.artifacts["sources"], work))]
+    seen = {d for _, d in blobs}
+    for label, digest in extra:
+        if digest not in seen and store.has_blob(digest):
+            seen.add(digest)
+            blobs.append((label, digest))
     return blobs
+
+
+def gate_version(store: Store, name: str, version: Version, work: Path) -> None:
+    """The publish gate on a stored version, as published: its archive, and the spec's
+    forbidden packages and allow-list."""
+    from provision.gate import enforce, scan_archive
+    from provision.stored import stored_spec
+
+    spec = stored_spec(store, version, work, name) if "spec" in version.artifacts else None
+    with _local_copy(store, version.digest, work, f"reading {name}") as archive:
+        findings = scan_archive(
+            archive, packages=[line.split(" ", 1)[0] for line in version.packages],
+            forbidden=spec.forbidden if spec else (), allow=spec.allow if spec else ())
+    enforce(findings, name)
 
 
 @contextlib.contextmanager
@@ -68,7 +99,8 @@ def publish(ref: Ref, src: Store, dest: Store, *, ami_regions: Sequence[str] = (
     copied = 0
     with tempfile.TemporaryDirectory(prefix=".publish-", dir=work_dir) as tmp:
         work = Path(tmp)
-        for what, digest in version_blobs(version):
+        gate_version(src, ref.name, version, work)  # before anything is uploaded
+        for what, digest in version_blobs(src, version, work):
             if dest.has_blob(digest):
                 continue
             with _local_copy(src, digest, work, f"reading {ref.name} {what}") as path:

@@ -8,6 +8,7 @@ opened once and all three passes read the same open file, so it cannot be swappe
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import logging
@@ -17,6 +18,7 @@ import signal
 import subprocess
 import tarfile
 import tempfile
+from collections.abc import Iterator
 from enum import StrEnum
 from pathlib import Path
 from typing import IO, cast
@@ -173,6 +175,30 @@ def _extract(f: IO[bytes], compression: Compression, tmp: Path) -> None:
             check_returncode(tar, tar_error_line(_text(tar_err)))
         finally:
             stop_pipeline(procs)
+
+
+@contextlib.contextmanager
+def tar_stream(archive: Path) -> Iterator[tarfile.TarFile]:
+    """Read an archive's members in order, decompressing on the fly (nothing on disk). A corrupt
+    stream raises ArchiveError."""
+    compression = detect_compression(archive)
+    with archive.open("rb") as f, tempfile.TemporaryFile() as dec_err:
+        dec = popen(_decompress_argv(compression), stdin=f, stdout=subprocess.PIPE, stderr=dec_err)
+        try:
+            assert dec.stdout is not None
+            try:
+                with tarfile.open(fileobj=dec.stdout, mode="r|") as tf:
+                    yield tf
+            except (tarfile.TarError, EOFError, OSError, UnicodeError, ValueError) as e:
+                dec.kill()
+                dec.wait()
+                _raise_decompressor_failure(dec, dec_err, compression, archive)
+                raise ArchiveError(f"{archive}: not a valid tar stream: {e}") from None
+            dec.stdout.close()
+            if dec.wait() not in (0, -signal.SIGPIPE):
+                _raise_decompressor_failure(dec, dec_err, compression, archive)
+        finally:
+            stop_pipeline([dec])
 
 
 class _BadStream(Exception):

@@ -381,7 +381,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     cache = Path(args.cache) if getattr(args, "cache", None) else None
     ref, store = resolve_target(parse_ref(args.ref) if args.ref else None, args.store,
-                                args.public_key)
+                                getattr(args, "public_key", None))
     _env, version = store.read_index().resolve(ref)
     if args.target == "chroot":
         target = str(Target("chroot", root=fetch(ref, store, cache_dir=cache).root))

@@ -311,6 +311,7 @@ def build_yum_repo(workdir: Path) -> YumRepo:
     gnupghome = workdir / "gnupg"
     topdir = workdir / "rpmbuild"
     repo_dir = workdir / "repo"
+    source_dir = workdir / "source"
     for d in (home, topdir / "SOURCES", topdir / "SPECS", workdir / "tmp", repo_dir):
         d.mkdir(parents=True, exist_ok=True)
     env = _tool_env(home, gnupghome)
@@ -331,19 +332,25 @@ def build_yum_repo(workdir: Path) -> YumRepo:
         make_gpg_key(gnupghome, home, GPG_KEY_UID, gpgkey_path)
 
         rpms: list[Path] = []
+        srpms: list[Path] = []
         for pkg in _PACKAGES:
             for src in pkg.sources:
                 shutil.copy2(src, topdir / "SOURCES" / src.name)
             spec = topdir / "SPECS" / f"{pkg.name}.spec"
             spec.write_text(_spec(pkg))
-            _run(["rpmbuild", "-bb", "--nodeps", "--quiet", "--target", "x86_64", spec], env)
+            _run(["rpmbuild", "-ba", "--nodeps", "--quiet", "--target", "x86_64", spec], env)
             arch = "noarch" if pkg.noarch else "x86_64"
             rpm = topdir / "RPMS" / arch / f"{pkg.name}-1.0-1.{arch}.rpm"
             if not rpm.is_file():
                 raise RuntimeError(f"rpmbuild did not produce {rpm}")
             rpms.append(Path(shutil.copy2(rpm, repo_dir / rpm.name)))
+            srpm = topdir / "SRPMS" / f"{pkg.name}-1.0-1.src.rpm"
+            if not srpm.is_file():
+                raise RuntimeError(f"rpmbuild did not produce {srpm}")
+            source_dir.mkdir(exist_ok=True)
+            srpms.append(Path(shutil.copy2(srpm, source_dir / srpm.name)))
 
-        _run(["rpmsign", "--addsign", *rpms], env)
+        _run(["rpmsign", "--addsign", *rpms, *srpms], env)
     finally:
         _stop_gpg_agent(home, gnupghome)
 
@@ -355,6 +362,9 @@ def build_yum_repo(workdir: Path) -> YumRepo:
             raise RuntimeError(f"{rpm.name} is not properly signed: {out.strip()}")
 
     _run(["createrepo_c", "--quiet", "--no-database", repo_dir], env)
+    # The source packages (SRPMs), as a repository of their own at <repo>/source/.
+    shutil.move(source_dir, repo_dir / "source")
+    _run(["createrepo_c", "--quiet", "--no-database", repo_dir / "source"], env)
     return YumRepo(path=repo_dir, gpgkey_path=gpgkey_path, packages=PACKAGES)
 
 
