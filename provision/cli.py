@@ -289,7 +289,7 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_build)
     s = sub.add_parser("fetch", parents=[common], help="fetch, verify and unpack; print the root")
     s.add_argument("ref", nargs="?", help="NAME, NAME:TAG or NAME@sha256:HEX (default: the pin)")
-    s.add_argument("--artifact", choices=["qcow2", "vagrant", "ssh-key"],
+    s.add_argument("--artifact", choices=["qcow2", "vagrant", "ssh-key", "sbom", "sources", "spec"],
                    help="fetch another output of the environment instead of its chroot")
     s.set_defaults(func=cmd_fetch)
     s = sub.add_parser("run", parents=[common], help="run a command in an environment",

@@ -70,7 +70,9 @@ def fetch(ref: Ref, store: Store, *, cache_dir: Path | None = None) -> Fetched:
     return Fetched(ref.name, digest, dest, store.url, cached=False)
 
 
-ARTIFACT_NAMES = {"qcow2": "{name}.qcow2", "vagrant": "{name}.box", "ssh-key": "{name}.key"}
+ARTIFACT_NAMES = {"qcow2": "{name}.qcow2", "vagrant": "{name}.box", "ssh-key": "{name}.key",
+                  "sbom": "{name}.spdx.json", "spec": "{name}.spec-bundle.json",
+                  "sources": "{name}.sources.json"}
 
 
 def fetch_artifact(ref: Ref, store: Store, kind: str, *, cache_dir: Path | None = None) -> Path:

@@ -30,7 +30,7 @@ from typing import Any
 
 from provision import run
 from provision.cache import PackageCache
-from provision.download import download, fetch_bytes
+from provision.download import NotFound, download, fetch_bytes
 from provision.errors import CommandFailed, MirrorUnreachable, ProvisionError
 from provision.fsutil import file_digest
 from provision.index import Ref
@@ -138,7 +138,7 @@ def _groups(packages: Iterable[LockedPackage]) -> dict[tuple[str, str], list[Loc
     """Locked binaries grouped by (source name, binary version without a binNMU suffix)."""
     out: dict[tuple[str, str], list[LockedPackage]] = {}
     for p in packages:
-        out.setdefault((p.source or p.name, p.evr), []).append(p)
+        out.setdefault((p.source or p.name, _strip_binnmu(p.evr)), []).append(p)
     return out
 
 
@@ -187,7 +187,7 @@ def _deb_sources(spec: Spec, lock: Lock, work: Path
     missing: list[tuple[str, str, tuple[str, ...], str]] = []
     for (src, version), bins in sorted(_groups(lock.packages).items()):
         names = tuple(sorted(p.name for p in bins))
-        wanted = {version, _strip_binnmu(version)}
+        wanted = {version, *(p.version for p in bins)}
         match = None
         for st, url in index.get(src, []):
             if st.get("Version") in wanted:
@@ -314,16 +314,25 @@ def gather(spec: Spec, lock: Lock, cache: PackageCache, work: Path, *, name: str
     else:
         found, gaps = _rpm_sources(spec, lock)
     files = {f.sha256: f for s in found for f in s.files if not cache.has(f.sha256)}
+    absent: dict[str, str] = {}  # sha256 -> why the mirror could not give it
     if files:
         bar = Progress(f"downloading {len(files)} source files", sum(f.size for f in files.values()))
         with ThreadPoolExecutor(PARALLEL) as pool:
-            futures = [pool.submit(download, f.url, cache.path(f.sha256), sha256=f.sha256,
-                                   size=f.size, progress=bar) for f in files.values()]
-            errors = [fut.exception() for fut in futures]
+            futures = {f.sha256: pool.submit(download, f.url, cache.path(f.sha256),
+                                             sha256=f.sha256, size=f.size, progress=bar)
+                       for f in files.values()}
+            errors = {sha: fut.exception() for sha, fut in futures.items()}
         bar.close()
-        for err in errors:
-            if err is not None:
+        for sha, err in sorted(errors.items()):
+            if isinstance(err, NotFound):
+                absent[sha] = f"the mirror does not serve {files[sha].name}"
+            elif err is not None:
                 raise err if isinstance(err, ProvisionError) else SourcesError(str(err))
+    for s in list(found):
+        gone = [absent[f.sha256] for f in s.files if f.sha256 in absent]
+        if gone:
+            found.remove(s)
+            gaps.append((s.name, s.version, s.binaries, "; ".join(gone)))
     if lock.family is Family.RPM:
         _check_srpm_signatures(spec, lock, cache, found, work)
     licenses = licenses or {}
