@@ -187,7 +187,10 @@ def _deb_sources(spec: Spec, lock: Lock, work: Path
     missing: list[tuple[str, str, tuple[str, ...], str]] = []
     for (src, version), bins in sorted(_groups(lock.packages).items()):
         names = tuple(sorted(p.name for p in bins))
-        wanted = {version, *(p.version for p in bins)}
+        # A binary's version can differ from its source's: a binNMU (+bN) or an epoch of its
+        # own (bsdutils 1:2.38.1-5 from util-linux 2.38.1-5).
+        versions = {version, *(p.version for p in bins)}
+        wanted = versions | {re.sub(r"^\d+:", "", v) for v in versions}
         match = None
         for st, url in index.get(src, []):
             if st.get("Version") in wanted:
