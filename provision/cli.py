@@ -128,8 +128,21 @@ def _enter(args: argparse.Namespace, argv: list[str]) -> int:
 
     ref, store = _target(args)
     got = fetch(ref, store, cache_dir=_cache(args))
-    scratch = (_cache(args) or default_cache_dir()) / "run"
-    return enter(got.root, argv, scratch_dir=scratch, bind=Path.cwd())
+    cache = _cache(args) or default_cache_dir()
+    keep = None
+    if args.keep is not None:
+        import datetime as dt
+
+        stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+        keep = Path(args.keep) if args.keep else cache / "kept" / f"{ref.name}-{stamp}"
+        if keep.exists():
+            raise ProvisionError(f"--keep: {keep} exists")
+        keep.parent.mkdir(parents=True, exist_ok=True)
+    rc = enter(got.root, argv, scratch_dir=cache / "run", bind=Path.cwd(), keep=keep)
+    if keep is not None:
+        print(f"provision: kept the run's changes (the overlay's upper layer) in {keep}",
+              file=sys.stderr)
+    return rc
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -295,10 +308,14 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("run", parents=[common], help="run a command in an environment",
                        usage="provision run [REF] -- CMD [ARG ...]")
     s.add_argument("ref", nargs="?")
+    keep_help = ("keep what the command changed (the overlay's upper layer) in DIR (default: "
+                 "~/.cache/provision/kept/NAME-TIME) instead of discarding it")
+    s.add_argument("--keep", nargs="?", const="", metavar="DIR", help=keep_help)
     s.add_argument("command", nargs="*", help="after --: the command and its arguments")
     s.set_defaults(func=cmd_run)
     s = sub.add_parser("shell", parents=[common], help="an interactive shell in an environment")
     s.add_argument("ref", nargs="?")
+    s.add_argument("--keep", nargs="?", const="", metavar="DIR", help=keep_help)
     s.set_defaults(func=cmd_shell)
     s = sub.add_parser("pin", parents=[common], help="write provision.pin for a source tree")
     s.add_argument("ref")
