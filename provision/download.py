@@ -66,7 +66,7 @@ def open_url(url: str, timeout: float = TIMEOUT) -> Iterator[tuple[BinaryIO, int
         yield resp, int(length) if length and length.isdigit() else None
 
 
-def _read(src: BinaryIO, url: str) -> bytes:
+def read_chunk(src: BinaryIO, url: str) -> bytes:
     try:
         return src.read(CHUNK)
     except (OSError, http.client.HTTPException) as e:
@@ -89,7 +89,7 @@ def download(url: str, dest: Path, *, sha256: str | None = None, size: int | Non
     """
     with open_url(url) as (src, length):
         def chunks() -> Iterator[bytes]:
-            while chunk := _read(src, url):
+            while chunk := read_chunk(src, url):
                 yield chunk
 
         return save_stream(chunks(), dest, what=url, sha256=sha256, size=size, length=length,

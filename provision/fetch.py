@@ -6,7 +6,7 @@ passed the hostile-member checks; a second fetch of the same digest does nothing
 
 from __future__ import annotations
 
-import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,8 +14,9 @@ from provision.cache import default_cache_dir
 from provision.errors import ProvisionError
 from provision.index import Ref
 from provision.pin import find_pin, read_pin
+from provision.progress import Progress
 from provision.store import Store, open_store
-from provision.unpack import unpack
+from provision.unpack import unpack_stream
 
 
 @dataclass(frozen=True)
@@ -56,17 +57,21 @@ def fetch(ref: Ref, store: Store, *, cache_dir: Path | None = None) -> Fetched:
     if dest.is_dir():
         return Fetched(ref.name, digest, dest, store.url, cached=True)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    local = store.local_path(digest)
-    if local is not None:
-        unpack(local, dest, expected_digest=digest)
-    else:
-        download = dest.parent / f".{dest.name}.download"
+    # One pass: download, hash, decompress, check and extract run together; the root appears
+    # (a rename) only after the archive matched its digest.
+    with store.open_blob(digest) as (chunks, length):
+        bar = Progress(f"fetching {ref.name}", length or version.size)
+
+        def counted() -> Iterator[bytes]:
+            for chunk in chunks:
+                bar.add(len(chunk))
+                yield chunk
+
         try:
-            store.get_blob(digest, download, label=f"fetching {ref.name}")
-            unpack(download, dest, expected_digest=digest)
+            unpack_stream(counted(), dest, label=f"{ref.name}@{digest}", expected_digest=digest,
+                          length=length if length is not None else version.size)
         finally:
-            with contextlib.suppress(FileNotFoundError):
-                download.unlink()
+            bar.close()
     return Fetched(ref.name, digest, dest, store.url, cached=False)
 
 

@@ -242,6 +242,27 @@ class S3Store(Store):
         except CLIENT_ERRORS as e:
             raise self._fail(f"delete {key}", e) from None
 
+    @contextlib.contextmanager
+    def open_blob(self, digest: str) -> Iterator[tuple[Iterator[bytes], int | None]]:
+        key = self.key(blob_key(digest))
+        try:
+            r = self.client.get_object(Bucket=self.bucket, Key=key)
+        except CLIENT_ERRORS as e:
+            if _status(e) == 404:
+                raise StoreError(f"store {self.url} has no blob {digest}") from None
+            raise self._fail(f"read {key}", e) from None
+
+        def chunks() -> Iterator[bytes]:
+            try:
+                yield from r["Body"].iter_chunks(1 << 20)
+            except CLIENT_ERRORS as e:
+                raise self._fail(f"read {key}", e) from None
+
+        try:
+            yield chunks(), int(r["ContentLength"])
+        finally:
+            r["Body"].close()
+
     def get_blob(self, digest: str, dest: Path, *, label: str | None = None) -> None:
         key = self.key(blob_key(digest))
         try:

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from provision.config import load_config
-from provision.download import NotFound, download, fetch_bytes
+from provision.download import NotFound, download, fetch_bytes, open_url, read_chunk
 from provision.errors import DigestMismatch, ProvisionError, StoreError
 from provision.fsutil import file_digest, fsync_dir, write_atomic
 from provision.index import DIGEST_RE, Index
@@ -69,6 +69,24 @@ class Store(ABC):
         """A path to read the blob in place, for stores on this machine."""
         return None
 
+    @contextlib.contextmanager
+    def open_blob(self, digest: str) -> Iterator[tuple[Iterator[bytes], int | None]]:
+        """Stream a blob: yields (chunks, length). Not verified: the reader hashes what it
+        reads (as `unpack_stream` does) before trusting it."""
+        url = self._blob_url(digest)
+        try:
+            with open_url(url) as (f, length):
+                def chunks() -> Iterator[bytes]:
+                    while chunk := read_chunk(f, url):
+                        yield chunk
+
+                yield chunks(), length
+        except NotFound:
+            raise StoreError(f"store {self.url} has no blob {digest}") from None
+
+    def _blob_url(self, digest: str) -> str:
+        raise StoreError(f"{self.url} cannot stream blobs")
+
     @abstractmethod
     def read_index(self) -> Index: ...
 
@@ -88,6 +106,9 @@ class LocalStore(Store):
 
     def has_blob(self, digest: str) -> bool:
         return self._blob(digest).is_file()
+
+    def _blob_url(self, digest: str) -> str:
+        return self._blob(digest).as_uri()
 
     def local_path(self, digest: str) -> Path | None:
         p = self._blob(digest)
@@ -170,10 +191,11 @@ class HttpStore(Store):
     def _url(self, key: str) -> str:
         return urllib.parse.urljoin(self.url, key)
 
+    def _blob_url(self, digest: str) -> str:
+        return self._url(blob_key(digest))
+
     def has_blob(self, digest: str) -> bool:
         try:
-            from provision.download import open_url
-
             with open_url(self._url(blob_key(digest))):
                 return True
         except NotFound:

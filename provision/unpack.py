@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import io
+import itertools
 import logging
 import os
 import shutil
@@ -18,7 +20,8 @@ import signal
 import subprocess
 import tarfile
 import tempfile
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterable, Iterator
 from enum import StrEnum
 from pathlib import Path
 from typing import IO, cast
@@ -96,27 +99,217 @@ def unpack(archive: Path, dest: Path, *, expected_digest: str | None = None) -> 
     if os.path.lexists(dest):
         log.debug("%s exists; not unpacking %s", dest, archive)
         return
-    if expected_digest is not None and not expected_digest.startswith("sha256:"):
-        raise ArchiveError(f"unsupported digest {expected_digest!r} (expected sha256:<hex>)")
     try:
-        f = archive.open("rb", buffering=0)  # unbuffered: seek(0) must move the fd
+        f = archive.open("rb", buffering=0)
     except OSError as e:
         raise ArchiveError(f"cannot read {archive}: {e.strerror or e}") from e
     with f:
+        def chunks() -> Iterator[bytes]:
+            try:
+                while chunk := f.read(CHUNK):
+                    yield chunk
+            except OSError as e:
+                raise ArchiveError(f"cannot read {archive}: {e.strerror or e}") from e
+
+        unpack_stream(chunks(), dest, label=str(archive), expected_digest=expected_digest,
+                      length=os.fstat(f.fileno()).st_size)
+
+
+def unpack_stream(chunks: Iterable[bytes], dest: Path, *, label: str,
+                  expected_digest: str | None = None, length: int | None = None) -> None:
+    """Extract an archive arriving as `chunks` (a download, a file) to `dest` in one pass:
+    hashing, decompressing, checking members and extracting run concurrently, with no copy of
+    the archive on disk. Every member is checked before a byte of it reaches tar; tar extracts
+    into a temporary directory that is renamed to `dest` only once the whole archive matched
+    `expected_digest` (and `length`). Errors as `unpack`."""
+    if os.path.lexists(dest):
+        log.debug("%s exists; not unpacking %s", dest, label)
+        return
+    if expected_digest is not None and not expected_digest.startswith("sha256:"):
+        raise ArchiveError(f"unsupported digest {expected_digest!r} (expected sha256:<hex>)")
+    it = iter(chunks)
+    first = b""
+    for chunk in it:  # the first bytes say the compression
+        first += chunk
+        if len(first) >= 6:
+            break
+    compression = _detect(io.BytesIO(first), Path(label))
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    except OSError as e:
+        raise ArchiveError(f"cannot create a directory next to {dest}: {e.strerror or e}") from e
+    hashing = _Hashing(itertools.chain([first], it))
+    try:
         try:
+            count = _stream_extract(hashing, compression, label, tmp)
+        except ArchiveError:
+            # A corrupt stream is first of all not the blob that was asked for: say so.
             if expected_digest is not None:
-                got = _sha256(f)
-                if got != expected_digest:
-                    raise DigestMismatch(f"{archive}: digest mismatch: expected {expected_digest}, got {got}")
-            compression = _detect(f, archive)
-            count = _check_stream(f, compression, archive)
-            f.seek(0)
+                for _ in hashing:
+                    pass
+                if hashing.digest != expected_digest:
+                    raise DigestMismatch(f"{label}: digest mismatch: expected {expected_digest}, "
+                                         f"got {hashing.digest}") from None
+            raise
+        digest, size = hashing.digest, hashing.size
+        if length is not None and size != length:
+            raise ArchiveError(f"{label}: cut short ({size} of {length} bytes)")
+        if expected_digest is not None and digest != expected_digest:
+            raise DigestMismatch(f"{label}: digest mismatch: expected {expected_digest}, got {digest}")
+        # Make the tree durable before it becomes visible under its final name: a store
+        # never looks at a `dest` that exists again.
+        run(["sync", "--file-system", tmp], capture=True)
+        try:
+            os.rename(tmp, dest)
         except OSError as e:
-            raise ArchiveError(f"cannot read {archive}: {e.strerror or e}") from e
-        _extract_atomically(f, compression, archive, dest)
-    log.info("unpacked %s (%d members) to %s", archive, count, dest)
+            if e.errno not in (errno.EEXIST, errno.ENOTEMPTY) or not dest.is_dir():
+                raise
+            log.debug("%s appeared while unpacking; keeping it", dest)
+            _remove_tree(tmp)
+            return
+        fsync_dir(dest.parent)
+    except BaseException as e:
+        _remove_tree(tmp)
+        if isinstance(e, ArchiveError | DigestMismatch):
+            raise
+        if isinstance(e, CommandFailed):
+            raise ArchiveError(f"cannot unpack {label}: {e}") from e
+        if isinstance(e, OSError):
+            raise ArchiveError(f"cannot unpack {label} to {dest}: {e.strerror or e}") from e
+        raise
+    log.info("unpacked %s (%d members) to %s", label, count, dest)
 
 
+class _Hashing:
+    """Iterates over chunks, hashing and counting them on the way."""
+
+    def __init__(self, chunks: Iterable[bytes]) -> None:
+        self._it = iter(chunks)
+        self._sha = hashlib.sha256()
+        self.size = 0
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self
+
+    def __next__(self) -> bytes:
+        chunk = next(self._it)
+        self._sha.update(chunk)
+        self.size += len(chunk)
+        return chunk
+
+    @property
+    def digest(self) -> str:
+        return f"sha256:{self._sha.hexdigest()}"
+
+
+class _Gate:
+    """Between the decompressor and tar: passes on only bytes of members already checked.
+
+    tarfile reads through this object; `approve(offset)` lets everything before `offset` (the
+    start of the next, unchecked header) through to tar's stdin."""
+
+    def __init__(self, src: IO[bytes], sink: IO[bytes]) -> None:
+        self._src = src
+        self._sink = sink
+        self._pending: list[bytes] = []
+        self._pending_start = 0  # stream offset of the first pending byte
+        self._read = 0
+        self._approved = 0
+        self.sink_broken = False
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._src.read(size)
+        if data:
+            self._pending.append(data)
+            self._read += len(data)
+            self._flush()
+        return data
+
+    def approve(self, offset: int) -> None:
+        self._approved = max(self._approved, offset)
+        self._flush()
+
+    def _flush(self) -> None:
+        while self._pending and self._pending_start < self._approved:
+            chunk = self._pending[0]
+            n = min(len(chunk), self._approved - self._pending_start)
+            self._write(memoryview(chunk)[:n])
+            if n == len(chunk):
+                self._pending.pop(0)
+            else:
+                self._pending[0] = chunk[n:]
+            self._pending_start += n
+
+    def _write(self, data: memoryview) -> None:
+        if self.sink_broken:
+            return
+        try:
+            self._sink.write(data)
+        except BrokenPipeError:
+            self.sink_broken = True  # tar died: its exit status says why
+
+
+def _stream_extract(chunks: Iterable[bytes], compression: Compression, label: str, tmp: Path
+                    ) -> int:
+    """Extract the compressed stream into `tmp`; returns the member count."""
+    tar_argv = ["tar", "--extract", "--file=-", *TAR_EXTRACT_FLAGS, f"--directory={tmp}"]
+    feed_error: list[BaseException] = []
+    with tempfile.TemporaryFile() as dec_err, tempfile.TemporaryFile() as tar_err:
+        dec = popen(_decompress_argv(compression), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                    stderr=dec_err)
+        procs = [dec]
+        pump: threading.Thread | None = None
+        try:
+            tar = popen(tar_argv, stdin=subprocess.PIPE, stderr=tar_err, extra_env=TAR_ENV)
+            procs.append(tar)
+            assert dec.stdin is not None and dec.stdout is not None and tar.stdin is not None
+            dec_in = dec.stdin
+
+            def feed() -> None:
+                try:
+                    for chunk in chunks:
+                        dec_in.write(chunk)
+                except BrokenPipeError:
+                    pass  # the decompressor stopped: its status says why
+                except BaseException as e:
+                    feed_error.append(e)
+                finally:
+                    with contextlib.suppress(OSError):
+                        dec_in.close()
+
+            pump = threading.Thread(target=feed, name="archive feed", daemon=True)
+            pump.start()
+            gate = _Gate(dec.stdout, tar.stdin)
+            reader = _TrackingReader(cast(IO[bytes], gate))
+            checker = _MemberChecker(Path(label))
+            try:
+                with tarfile.open(fileobj=cast(IO[bytes], reader), mode="r|",
+                                  bufsize=CHUNK) as tf:
+                    for member in tf:
+                        checker.check(member)  # a hostile member raises before tar sees it
+                        gate.approve(tf.offset)
+                    stop = tf.offset
+                reader.expect_end_of_archive(stop)
+            except (_BadStream, tarfile.TarError, EOFError, OSError, UnicodeError, ValueError) as e:
+                if feed_error:
+                    raise feed_error[0] from None
+                if not reader.drain(_DRAIN_LIMIT):
+                    dec.kill()
+                dec.wait()
+                _raise_decompressor_failure(dec, dec_err, compression, Path(label))
+                raise ArchiveError(f"{label}: not a valid tar stream: {e}") from None
+            gate.approve(1 << 62)
+            tar.stdin.close()
+            pump.join()
+            if feed_error:
+                raise feed_error[0]
+            dec.wait()
+            _raise_decompressor_failure(dec, dec_err, compression, Path(label))
+            check_returncode(tar, tar_error_line(_text(tar_err)))
+            return checker.count
+        finally:
+            stop_pipeline(procs, pump)
 def _sha256(f: IO[bytes]) -> str:
     f.seek(0)
     sha = hashlib.sha256()
