@@ -210,6 +210,38 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_oci(args: argparse.Namespace) -> int:
+    from provision.oci import oci_for
+
+    ref, store = _target(args)
+    got, version = oci_for(ref, store, Path(args.output) if args.output else None,
+                           cache_dir=_cache(args))
+    if args.json:
+        _print_json({"name": ref.name, "digest": version.digest, "path": str(got.path),
+                     "archive_digest": got.digest, "manifest_digest": got.manifest_digest,
+                     "layer_digest": got.layer_digest, "image": got.image_ref})
+    else:
+        print(got.path)
+        print(f"provision: {got.image_ref}: manifest {got.manifest_digest}; podman load -i "
+              f"{got.path}", file=sys.stderr)
+    return 0
+
+
+def cmd_mock_config(args: argparse.Namespace) -> int:
+    from provision.mockcfg import mock_config
+
+    ref, store = _target(args)
+    got = mock_config(ref, store, Path(args.output) if args.output else None,
+                      cache_dir=_cache(args))
+    if args.json:
+        _print_json({"name": ref.name, "digest": got.version.digest, "config": str(got.path),
+                     "root": got.root, "root_cache": str(got.cache_file)})
+    else:
+        print(got.path)
+        print(f"provision: mock -r {got.path} --rebuild PKG.src.rpm", file=sys.stderr)
+    return 0
+
+
 def cmd_keygen(args: argparse.Namespace) -> int:
     from provision.config import default_signing_key
     from provision.signing import generate_key
@@ -302,7 +334,8 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_build)
     s = sub.add_parser("fetch", parents=[common], help="fetch, verify and unpack; print the root")
     s.add_argument("ref", nargs="?", help="NAME, NAME:TAG or NAME@sha256:HEX (default: the pin)")
-    s.add_argument("--artifact", choices=["qcow2", "vagrant", "ssh-key", "sbom", "sources", "spec"],
+    s.add_argument("--artifact",
+                   choices=["qcow2", "vagrant", "ssh-key", "sbom", "sources", "spec", "oci"],
                    help="fetch another output of the environment instead of its chroot")
     s.set_defaults(func=cmd_fetch)
     s = sub.add_parser("run", parents=[common], help="run a command in an environment",
@@ -346,6 +379,17 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--diffoscope", action="store_true",
                    help="on a mismatch, also show diffoscope's report (if installed)")
     s.set_defaults(func=cmd_verify)
+    s = sub.add_parser("oci", parents=[common],
+                       help="write an environment as an OCI image archive (podman load, skopeo)")
+    s.add_argument("ref", nargs="?", help="NAME, NAME:TAG or NAME@sha256:HEX (default: the pin)")
+    s.add_argument("-o", "--output", metavar="FILE",
+                   help="where to write it (default: ~/.cache/provision/oci/NAME-HEX.oci.tar)")
+    s.set_defaults(func=cmd_oci)
+    s = sub.add_parser("mock-config", parents=[common],
+                       help="write a mock config whose chroot is the environment's archive")
+    s.add_argument("ref", nargs="?", help="NAME, NAME:TAG or NAME@sha256:HEX (default: the pin)")
+    s.add_argument("-o", "--output", metavar="FILE", help="config file (default: ./NAME.cfg)")
+    s.set_defaults(func=cmd_mock_config)
     s = sub.add_parser("keygen", parents=[common], help="make an Ed25519 key to sign indexes")
     s.add_argument("--out", metavar="PATH",
                    help="private key file (default: ~/.config/provision/signing.key)")

@@ -77,7 +77,7 @@ def fetch(ref: Ref, store: Store, *, cache_dir: Path | None = None) -> Fetched:
 
 ARTIFACT_NAMES = {"qcow2": "{name}.qcow2", "vagrant": "{name}.box", "ssh-key": "{name}.key",
                   "sbom": "{name}.spdx.json", "spec": "{name}.spec-bundle.json",
-                  "sources": "{name}.sources.json"}
+                  "sources": "{name}.sources.json", "oci": "{name}.oci.tar"}
 
 
 def fetch_artifact(ref: Ref, store: Store, kind: str, *, cache_dir: Path | None = None) -> Path:
