@@ -8,15 +8,16 @@ opened once and all three passes read the same open file, so it cannot be swappe
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
+import fcntl
 import hashlib
 import io
 import itertools
 import logging
 import os
 import shutil
-import signal
 import subprocess
 import tarfile
 import tempfile
@@ -203,51 +204,166 @@ class _Hashing:
         return f"sha256:{self._sha.hexdigest()}"
 
 
-class _Gate:
-    """Between the decompressor and tar: passes on only bytes of members already checked.
+def _pax_records(data: bytes) -> dict[str, str]:
+    """The records of a pax extended header: `LEN KEY=VALUE\n` ..."""
+    out: dict[str, str] = {}
+    pos = 0
+    while pos < len(data) and data[pos:pos + 1] != b"\0":
+        space = data.find(b" ", pos)
+        if space < 0:
+            raise _BadStream("malformed pax header")
+        try:
+            length = int(data[pos:space])
+        except ValueError:
+            raise _BadStream("malformed pax header") from None
+        record = data[space + 1:pos + length]
+        if length <= 0 or not record.endswith(b"\n") or b"=" not in record:
+            raise _BadStream("malformed pax header")
+        key, value = record[:-1].split(b"=", 1)
+        out[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
+        pos += length
+    return out
 
-    tarfile reads through this object; `approve(offset)` lets everything before `offset` (the
-    start of the next, unchecked header) through to tar's stdin."""
 
-    def __init__(self, src: IO[bytes], sink: IO[bytes]) -> None:
+def _drain(fd: int, limit: int) -> bool:
+    """Read and discard up to `limit` bytes; True if the pipe reached its end."""
+    left = limit
+    while data := os.read(fd, CHUNK):
+        left -= len(data)
+        if left <= 0:
+            return False
+    return True
+
+
+def _block(n: int) -> int:
+    return (n + tarfile.BLOCKSIZE - 1) // tarfile.BLOCKSIZE * tarfile.BLOCKSIZE
+
+
+class _Scanner:
+    """Reads a decompressed tar stream and passes it on to tar, member by member, only after
+    each member's header passed the checks: tar never sees a byte of a hostile member.
+
+    Member data is never parsed or copied in Python beyond one read and one write; only the
+    512-byte headers (and pax records) are. Same rules as tarfile: a header's (or its pax
+    record's) size says how much data follows, rounded up to 512 bytes."""
+
+    def __init__(self, src: int, sink: int, checker: _MemberChecker) -> None:
         self._src = src
         self._sink = sink
-        self._pending: list[bytes] = []
-        self._pending_start = 0  # stream offset of the first pending byte
-        self._read = 0
-        self._approved = 0
+        self._checker = checker
+        self._chunks: collections.deque[memoryview] = collections.deque()  # zero-copy views
+        self._start = 0  # stream offset of the first buffered byte
+        self._len = 0  # bytes buffered
         self.sink_broken = False
 
-    def read(self, size: int = -1) -> bytes:
-        data = self._src.read(size)
-        if data:
-            self._pending.append(data)
-            self._read += len(data)
-            self._flush()
-        return data
+    def _fill(self, upto: int) -> bool:
+        """Read until the buffer holds stream offsets below `upto`; False at end of input."""
+        while self._start + self._len < upto:
+            data = os.read(self._src, CHUNK)
+            if not data:
+                return False
+            self._chunks.append(memoryview(data))
+            self._len += len(data)
+        return True
 
-    def approve(self, offset: int) -> None:
-        self._approved = max(self._approved, offset)
-        self._flush()
-
-    def _flush(self) -> None:
-        while self._pending and self._pending_start < self._approved:
-            chunk = self._pending[0]
-            n = min(len(chunk), self._approved - self._pending_start)
-            self._write(memoryview(chunk)[:n])
+    def _pass_on(self, upto: int) -> None:
+        """Send everything before stream offset `upto` to tar (reading it first if needed)."""
+        while self._start < upto:
+            if not self._chunks and not self._fill(self._start + 1):
+                raise _BadStream(f"member data ends early, at offset {self._start}")
+            chunk = self._chunks[0]
+            n = min(len(chunk), upto - self._start)
+            view = chunk[:n]
+            try:
+                while view and not self.sink_broken:
+                    view = view[os.write(self._sink, view):]
+            except BrokenPipeError:
+                self.sink_broken = True  # tar died: its exit status says why
             if n == len(chunk):
-                self._pending.pop(0)
+                self._chunks.popleft()
             else:
-                self._pending[0] = chunk[n:]
-            self._pending_start += n
+                self._chunks[0] = chunk[n:]
+            self._start += n
+            self._len -= n
 
-    def _write(self, data: memoryview) -> None:
-        if self.sink_broken:
-            return
-        try:
-            self._sink.write(data)
-        except BrokenPipeError:
-            self.sink_broken = True  # tar died: its exit status says why
+    def _bytes(self, offset: int, size: int) -> bytes:
+        if not self._fill(offset + size):
+            raise _BadStream(f"member data ends early, at offset {self._start + self._len}")
+        out = bytearray()
+        skip = offset - self._start
+        for chunk in self._chunks:
+            if skip >= len(chunk):
+                skip -= len(chunk)
+                continue
+            out += chunk[skip:skip + size - len(out)]
+            skip = 0
+            if len(out) == size:
+                break
+        return bytes(out)
+
+    def run(self) -> None:
+        pos = 0  # where the next header (or pax/longname chain) starts
+        while True:
+            pax: dict[str, str] = {}
+            names: dict[str, str] = {}
+            header = pos
+            while True:  # extension headers, then the member's own
+                if not self._fill(header + tarfile.BLOCKSIZE):
+                    if header == self._start + self._len and not pax and not names:
+                        raise _BadStream(f"no end-of-archive marker at offset {header}")
+                    raise _BadStream(f"truncated header at offset {header}")
+                raw = self._bytes(header, tarfile.BLOCKSIZE)
+                if raw.count(0) == tarfile.BLOCKSIZE:
+                    if pax or names:
+                        raise _BadStream(f"extended header without a member at offset {header}")
+                    self._end(header)
+                    return
+                try:
+                    info = tarfile.TarInfo.frombuf(raw, "utf-8", "surrogateescape")
+                except tarfile.HeaderError as e:
+                    raise _BadStream(f"corrupt tar header at offset {header}: {e}") from None
+                size = int(pax.get("size", info.size))
+                if size < 0:
+                    raise _BadStream(f"negative size at offset {header}")
+                data_at = header + tarfile.BLOCKSIZE
+                if info.type == tarfile.XHDTYPE:
+                    pax.update(_pax_records(self._bytes(data_at, info.size)))
+                elif info.type == tarfile.XGLTYPE:
+                    glob = _pax_records(self._bytes(data_at, info.size))
+                    if {"path", "linkpath"} & glob.keys():
+                        raise self._checker.refuse(info.name, "global pax header sets a path")
+                elif info.type in (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK):
+                    long = self._bytes(data_at, info.size).split(b"\0", 1)[0]
+                    key = "path" if info.type == tarfile.GNUTYPE_LONGNAME else "linkpath"
+                    names[key] = long.decode("utf-8", "surrogateescape")
+                else:
+                    break
+                header = data_at + _block(info.size)
+            for key, value in {**names, **pax}.items():
+                if key == "path":
+                    info.name = value
+                elif key == "linkpath":
+                    info.linkname = value
+            if info.type == tarfile.GNUTYPE_SPARSE:
+                raise self._checker.refuse(info.name, "old GNU sparse member (not written by "
+                                                      "provision)")
+            self._checker.check(info)
+            if size and info.type not in tarfile.REGULAR_TYPES:
+                raise self._checker.refuse(info.name, f"a {info.type!r} member carries data")
+            pos = header + tarfile.BLOCKSIZE + _block(size)
+            self._pass_on(pos)  # the member, now checked, and its data
+
+    def _end(self, at: int) -> None:
+        """Two zero blocks, then nothing but zero padding: GNU tar would read on past it."""
+        while self._fill(self._start + self._len + 1):
+            if self._start + self._len - at > _MAX_TRAILER:
+                raise _BadStream(f"more than {_MAX_TRAILER} bytes after the end of the archive")
+        end = self._start + self._len
+        if self._bytes(at, end - at).strip(b"\0"):
+            raise _BadStream(f"corrupt tar header or data after offset {at}")
+        if end - at < 2 * tarfile.BLOCKSIZE:
+            raise _BadStream(f"no end-of-archive marker at offset {at}")
+        self._pass_on(end)
 
 
 def _stream_extract(chunks: Iterable[bytes], compression: Compression, label: str, tmp: Path
@@ -265,6 +381,9 @@ def _stream_extract(chunks: Iterable[bytes], compression: Compression, label: st
             procs.append(tar)
             assert dec.stdin is not None and dec.stdout is not None and tar.stdin is not None
             dec_in = dec.stdin
+            for pipe in (dec.stdin, dec.stdout, tar.stdin):
+                with contextlib.suppress(OSError):  # fewer, larger reads and writes
+                    fcntl.fcntl(pipe.fileno(), fcntl.F_SETPIPE_SZ, CHUNK)
 
             def feed() -> None:
                 try:
@@ -280,26 +399,22 @@ def _stream_extract(chunks: Iterable[bytes], compression: Compression, label: st
 
             pump = threading.Thread(target=feed, name="archive feed", daemon=True)
             pump.start()
-            gate = _Gate(dec.stdout, tar.stdin)
-            reader = _TrackingReader(cast(IO[bytes], gate))
             checker = _MemberChecker(Path(label))
+            scanner = _Scanner(dec.stdout.fileno(), tar.stdin.fileno(), checker)
             try:
-                with tarfile.open(fileobj=cast(IO[bytes], reader), mode="r|",
-                                  bufsize=CHUNK) as tf:
-                    for member in tf:
-                        checker.check(member)  # a hostile member raises before tar sees it
-                        gate.approve(tf.offset)
-                    stop = tf.offset
-                reader.expect_end_of_archive(stop)
-            except (_BadStream, tarfile.TarError, EOFError, OSError, UnicodeError, ValueError) as e:
+                scanner.run()
+            except (_BadStream, UnicodeError, ValueError, OSError) as e:
                 if feed_error:
                     raise feed_error[0] from None
-                if not reader.drain(_DRAIN_LIMIT):
+                # Usually the tar stream broke off because the decompressor failed: let its
+                # message win if so.
+                ended = _drain(dec.stdout.fileno(), _DRAIN_LIMIT)
+                if not ended:
                     dec.kill()
                 dec.wait()
-                _raise_decompressor_failure(dec, dec_err, compression, Path(label))
+                if ended:
+                    _raise_decompressor_failure(dec, dec_err, compression, Path(label))
                 raise ArchiveError(f"{label}: not a valid tar stream: {e}") from None
-            gate.approve(1 << 62)
             tar.stdin.close()
             pump.join()
             if feed_error:
@@ -310,88 +425,6 @@ def _stream_extract(chunks: Iterable[bytes], compression: Compression, label: st
             return checker.count
         finally:
             stop_pipeline(procs, pump)
-def _sha256(f: IO[bytes]) -> str:
-    f.seek(0)
-    sha = hashlib.sha256()
-    while chunk := f.read(CHUNK):
-        sha.update(chunk)
-    f.seek(0)
-    return f"sha256:{sha.hexdigest()}"
-
-
-def _extract_atomically(f: IO[bytes], compression: Compression, archive: Path, dest: Path) -> None:
-    try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    except OSError as e:
-        raise ArchiveError(f"cannot create a directory next to {dest}: {e.strerror or e}") from e
-    try:
-        _extract(f, compression, tmp)
-        # Make the tree durable before it becomes visible under its final name: a store
-        # never looks at a `dest` that exists again.
-        run(["sync", "--file-system", tmp], capture=True)
-        try:
-            os.rename(tmp, dest)
-        except OSError as e:
-            if e.errno not in (errno.EEXIST, errno.ENOTEMPTY) or not dest.is_dir():
-                raise
-            log.debug("%s appeared while unpacking; keeping it", dest)
-            _remove_tree(tmp)
-            return
-        fsync_dir(dest.parent)
-    except BaseException as e:
-        _remove_tree(tmp)
-        if isinstance(e, ArchiveError):
-            raise
-        if isinstance(e, CommandFailed):
-            raise ArchiveError(f"cannot unpack {archive}: {e}") from e
-        if isinstance(e, OSError):
-            raise ArchiveError(f"cannot unpack {archive} to {dest}: {e.strerror or e}") from e
-        raise
-
-
-def _extract(f: IO[bytes], compression: Compression, tmp: Path) -> None:
-    tar_argv = ["tar", "--extract", "--file=-", *TAR_EXTRACT_FLAGS, f"--directory={tmp}"]
-    procs: list[subprocess.Popen[bytes]] = []
-    with tempfile.TemporaryFile() as dec_err, tempfile.TemporaryFile() as tar_err:
-        try:
-            dec = popen(_decompress_argv(compression), stdin=f, stdout=subprocess.PIPE, stderr=dec_err)
-            procs.append(dec)
-            tar = popen(tar_argv, stdin=dec.stdout, stderr=tar_err, extra_env=TAR_ENV)
-            procs.append(tar)
-            assert dec.stdout is not None
-            dec.stdout.close()  # tar holds it now; a dead tar must give zstd/xz a SIGPIPE
-            tar.wait()
-            # A decompressor killed by SIGPIPE only means tar stopped reading: tar says why.
-            if dec.wait() != -signal.SIGPIPE:
-                check_returncode(dec, _text(dec_err))
-            check_returncode(tar, tar_error_line(_text(tar_err)))
-        finally:
-            stop_pipeline(procs)
-
-
-@contextlib.contextmanager
-def tar_stream(archive: Path) -> Iterator[tarfile.TarFile]:
-    """Read an archive's members in order, decompressing on the fly (nothing on disk). A corrupt
-    stream raises ArchiveError."""
-    compression = detect_compression(archive)
-    with archive.open("rb") as f, tempfile.TemporaryFile() as dec_err:
-        dec = popen(_decompress_argv(compression), stdin=f, stdout=subprocess.PIPE, stderr=dec_err)
-        try:
-            assert dec.stdout is not None
-            try:
-                with tarfile.open(fileobj=dec.stdout, mode="r|") as tf:
-                    yield tf
-            except (tarfile.TarError, EOFError, OSError, UnicodeError, ValueError) as e:
-                dec.kill()
-                dec.wait()
-                _raise_decompressor_failure(dec, dec_err, compression, archive)
-                raise ArchiveError(f"{archive}: not a valid tar stream: {e}") from None
-            dec.stdout.close()
-            if dec.wait() not in (0, -signal.SIGPIPE):
-                _raise_decompressor_failure(dec, dec_err, compression, archive)
-        finally:
-            stop_pipeline([dec])
 
 
 class _BadStream(Exception):
