@@ -18,6 +18,7 @@ import itertools
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import tarfile
 import tempfile
@@ -425,6 +426,30 @@ def _stream_extract(chunks: Iterable[bytes], compression: Compression, label: st
             return checker.count
         finally:
             stop_pipeline(procs, pump)
+
+
+@contextlib.contextmanager
+def tar_stream(archive: Path) -> Iterator[tarfile.TarFile]:
+    """Read an archive's members in order, decompressing on the fly (nothing on disk). A corrupt
+    stream raises ArchiveError."""
+    compression = detect_compression(archive)
+    with archive.open("rb") as f, tempfile.TemporaryFile() as dec_err:
+        dec = popen(_decompress_argv(compression), stdin=f, stdout=subprocess.PIPE, stderr=dec_err)
+        try:
+            assert dec.stdout is not None
+            try:
+                with tarfile.open(fileobj=dec.stdout, mode="r|") as tf:
+                    yield tf
+            except (tarfile.TarError, EOFError, OSError, UnicodeError, ValueError) as e:
+                dec.kill()
+                dec.wait()
+                _raise_decompressor_failure(dec, dec_err, compression, archive)
+                raise ArchiveError(f"{archive}: not a valid tar stream: {e}") from None
+            dec.stdout.close()
+            if dec.wait() not in (0, -signal.SIGPIPE):
+                _raise_decompressor_failure(dec, dec_err, compression, archive)
+        finally:
+            stop_pipeline([dec])
 
 
 class _BadStream(Exception):
