@@ -73,7 +73,7 @@ def test_chroot_cut_from_image_has_the_host_built_digest(built: dict[str, Any],
     host = Cli(base / "host-store", base / "cache", capfd).json("build", str(host_spec))
     assert host["digest"] == built["digest"]
     version = LocalStore(base / "store").read_index().environments["tiny-builder"].versions[0]
-    assert set(version.artifacts) == {"qcow2", "vagrant", "ssh-key"}
+    assert set(version.artifacts) == {"qcow2", "vagrant", "ssh-key", "sbom", "spec"}
 
 
 def _free_port() -> int:
@@ -180,4 +180,4 @@ def test_rpm_chroot_built_inside_a_deb_builder_has_the_host_built_digest(
     print(f"\n[test_vm] rpm chroot in a deb builder: {time.monotonic() - started:.0f} s")
     host = Cli(tmp_path / "host-store", tmp_path / "cache", capfd).json("build", str(on_host))
     assert vm.version.digest == host["digest"]
-    assert set(vm.version.artifacts) == {"qcow2", "ssh-key"}
+    assert set(vm.version.artifacts) == {"qcow2", "ssh-key", "sbom", "spec"}
