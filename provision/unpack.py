@@ -19,14 +19,16 @@ import logging
 import os
 import shutil
 import signal
+import struct
 import subprocess
 import tarfile
 import tempfile
 import threading
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import IO, cast
+from typing import IO, Protocol, cast
 
 from provision.archive import TAR_ENV, Compression, tar_error_line
 from provision.errors import ArchiveError, CommandFailed, DigestMismatch
@@ -205,6 +207,65 @@ class _Hashing:
         return f"sha256:{self._sha.hexdigest()}"
 
 
+class Member(Protocol):
+    """What the member checks look at: tarfile.TarInfo, or the scanner's own header."""
+
+    name: str
+    linkname: str
+    type: bytes
+
+
+@dataclass
+class _Header:
+    name: str
+    linkname: str
+    type: bytes
+    size: int
+
+
+_POSIX_MAGIC = b"ustar\x0000"
+
+
+def _nts(field: bytes) -> str:
+    return field.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+
+
+def _number(field: bytes, offset: int) -> int:
+    """A numeric header field: octal text, or GNU's base-256 (first byte 0x80 or 0xff)."""
+    if field[0] in (0x80, 0xFF):
+        n = int.from_bytes(field[1:], "big")
+        return n - (1 << (8 * (len(field) - 1))) if field[0] == 0xFF else n
+    try:
+        return int(field.split(b"\0", 1)[0].strip() or b"0", 8)
+    except ValueError:
+        raise _BadStream(f"corrupt tar header at offset {offset}: bad number field") from None
+
+
+def _parse_header(raw: bytes, offset: int) -> _Header:
+    """The fields of a 512-byte tar header the checks need (as tarfile reads them, but only
+    those: this runs once per member on the fetch's critical path)."""
+    field = raw[148:156]
+    try:
+        stored = int(field.split(b"\0", 1)[0].strip() or b"-1", 8)
+    except ValueError:
+        raise _BadStream(f"corrupt tar header at offset {offset}: bad checksum field") from None
+    unsigned = sum(raw) - sum(field) + 8 * 0x20
+    if stored != unsigned:  # some old tars summed signed chars
+        signed = sum(struct.unpack_from("148b", raw)) + sum(struct.unpack_from("356b", raw, 156))
+        if stored != signed + 8 * 0x20:
+            raise _BadStream(f"corrupt tar header at offset {offset}: bad checksum")
+    size = _number(raw[124:136], offset)
+    kind = raw[156:157]
+    name = _nts(raw[0:100])
+    if raw[257:265] == _POSIX_MAGIC and kind not in tarfile.GNU_TYPES:
+        prefix = _nts(raw[345:500])
+        if prefix:
+            name = f"{prefix}/{name}"
+    if kind == tarfile.AREGTYPE and name.endswith("/"):
+        kind = tarfile.DIRTYPE
+    return _Header(name, _nts(raw[157:257]), kind, size)
+
+
 def _pax_records(data: bytes) -> dict[str, str]:
     """The records of a pax extended header: `LEN KEY=VALUE\n` ..."""
     out: dict[str, str] = {}
@@ -258,7 +319,8 @@ class _Scanner:
         self.sink_broken = False
 
     def _fill(self, upto: int) -> bool:
-        """Read until the buffer holds stream offsets below `upto`; False at end of input."""
+        """Read until the buffer holds stream offsets below `upto` (and no more: member data
+        is spliced, not read); False at end of input."""
         while self._start + self._len < upto:
             data = os.read(self._src, CHUNK)
             if not data:
@@ -268,10 +330,9 @@ class _Scanner:
         return True
 
     def _pass_on(self, upto: int) -> None:
-        """Send everything before stream offset `upto` to tar (reading it first if needed)."""
-        while self._start < upto:
-            if not self._chunks and not self._fill(self._start + 1):
-                raise _BadStream(f"member data ends early, at offset {self._start}")
+        """Send everything before stream offset `upto` to tar: what was read (headers), then
+        the member data straight from pipe to pipe (splice: it never enters this process)."""
+        while self._chunks and self._start < upto:
             chunk = self._chunks[0]
             n = min(len(chunk), upto - self._start)
             view = chunk[:n]
@@ -286,6 +347,19 @@ class _Scanner:
                 self._chunks[0] = chunk[n:]
             self._start += n
             self._len -= n
+        while self._start < upto:
+            left = upto - self._start
+            try:
+                if self.sink_broken:
+                    moved = len(os.read(self._src, min(left, CHUNK)))
+                else:
+                    moved = os.splice(self._src, self._sink, min(left, 1 << 30))
+            except BrokenPipeError:
+                self.sink_broken = True
+                continue
+            if moved == 0:
+                raise _BadStream(f"member data ends early, at offset {self._start}")
+            self._start += moved
 
     def _bytes(self, offset: int, size: int) -> bytes:
         if not self._fill(offset + size):
@@ -319,10 +393,7 @@ class _Scanner:
                         raise _BadStream(f"extended header without a member at offset {header}")
                     self._end(header)
                     return
-                try:
-                    info = tarfile.TarInfo.frombuf(raw, "utf-8", "surrogateescape")
-                except tarfile.HeaderError as e:
-                    raise _BadStream(f"corrupt tar header at offset {header}: {e}") from None
+                info = _parse_header(raw, header)
                 size = int(pax.get("size", info.size))
                 if size < 0:
                     raise _BadStream(f"negative size at offset {header}")
@@ -589,7 +660,7 @@ class _MemberChecker:
     def refuse(self, name: str, reason: str) -> ArchiveError:
         return ArchiveError(f"{self.label}: refusing member {name!r}: {reason}")
 
-    def check(self, m: tarfile.TarInfo) -> None:
+    def check(self, m: Member) -> None:
         name = m.name
         if "\0" in name or "\0" in m.linkname:
             raise self.refuse(name, "NUL byte in name or link target")
@@ -622,7 +693,7 @@ class _MemberChecker:
         self.kinds[parts] = kind
         self.count += 1
 
-    def _hardlink_kind(self, m: tarfile.TarInfo, parts: tuple[str, ...]) -> Kind:
+    def _hardlink_kind(self, m: Member, parts: tuple[str, ...]) -> Kind:
         target = m.linkname
         if target.startswith("/"):
             raise self.refuse(m.name, f"hardlink target {target!r} is absolute")
@@ -639,7 +710,7 @@ class _MemberChecker:
         # A hardlink to a symlink is a symlink: nothing may be written through it either.
         return kind
 
-    def _check_symlink(self, m: tarfile.TarInfo, parts: tuple[str, ...]) -> None:
+    def _check_symlink(self, m: Member, parts: tuple[str, ...]) -> None:
         target = m.linkname
         if not target:
             raise self.refuse(m.name, "empty symlink target")
