@@ -54,7 +54,7 @@ BOOT = "bootstrap from cached packages"
 
 
 @contextlib.contextmanager
-def tmpfs(size: str = "4G") -> Iterator[Path]:
+def tmpfs(size: str = "6G") -> Iterator[Path]:
     d = Path(tempfile.mkdtemp(prefix="bench-tmpfs-"))
     run.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(d)], capture=True)
     try:
@@ -75,14 +75,25 @@ def on_disk() -> Iterator[Path]:
         shutil.rmtree(d, ignore_errors=True)
 
 
-def median_time(runs: int, case: Callable[[int], object]) -> float:
-    """The median wall time of case(0), case(1), ... (each gets its own run number)."""
+def median_time(runs: int, case: Callable[[int], object],
+                cleanup: Callable[[int], object] | None = None) -> float:
+    """The median wall time of case(0), case(1), ... (each gets its own run number);
+    cleanup(i) runs after each, untimed."""
     times = []
     for i in range(runs):
         t = time.perf_counter()
         case(i)
         times.append(time.perf_counter() - t)
+        if cleanup is not None:
+            cleanup(i)
     return statistics.median(times)
+
+
+def remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
 
 
 def bare_unpack(archive: Path, dest: Path) -> None:
@@ -148,18 +159,22 @@ def main() -> int:
         def run_true(i: int) -> None:
             enter(fetch(ref, store, cache_dir=warm).root, ["true"], scratch_dir=warm / "run")
 
-        cell(BARE, median_time(n, lambda i: bare_unpack(archive, d / f"bare{i}")))
-        cell(COLD, median_time(n, cold))
+        cell(BARE, median_time(n, lambda i: bare_unpack(archive, d / f"bare{i}"),
+                               lambda i: remove(d / f"bare{i}")))
+        def uncache(i: int) -> None:
+            if i:  # cache0 stays: the warm cases read it
+                remove(d / f"cache{i}")
+
+        cell(COLD, median_time(n, cold, uncache))
         cell(READY, median_time(n, ready))
         cell(RUN, median_time(n, run_true))
         root = fetch(ref, store, cache_dir=warm).root
-        cell(ARCH_BARE, median_time(n, lambda i: bare_archive(root, d / f"bare{i}.tar.zst")))
+        cell(ARCH_BARE, median_time(n, lambda i: bare_archive(root, d / f"bare{i}.tar.zst"),
+                                    lambda i: remove(d / f"bare{i}.tar.zst")))
         cell(ARCH, median_time(n, lambda i: write_archive(
             root, d / f"mine{i}.tar.zst", source_date_epoch=lock.source_date_epoch,
-            compression=Compression(spec.compression), exclude=spec.exclude)))
-        for p in d.iterdir():
-            if p.name.startswith(("bare", "mine")):
-                shutil.rmtree(p) if p.is_dir() else p.unlink()
+            compression=Compression(spec.compression), exclude=spec.exclude),
+            lambda i: remove(d / f"mine{i}.tar.zst")))
 
         def boot(i: int) -> None:
             (d / f"boot{i}-work").mkdir()
