@@ -264,22 +264,9 @@ class S3Store(Store):
             r["Body"].close()
 
     def get_blob(self, digest: str, dest: Path, *, label: str | None = None) -> None:
-        key = self.key(blob_key(digest))
-        try:
-            r = self.client.get_object(Bucket=self.bucket, Key=key)
-        except CLIENT_ERRORS as e:
-            if _status(e) == 404:
-                raise StoreError(f"store {self.url} has no blob {digest}") from None
-            raise self._fail(f"read {key}", e) from None
-
-        def chunks() -> Iterator[bytes]:
-            try:
-                yield from r["Body"].iter_chunks(1 << 20)
-            except CLIENT_ERRORS as e:
-                raise self._fail(f"read {key}", e) from None
-
-        save_stream(chunks(), dest, what=f"{self.url} {digest}", sha256=digest.split(":", 1)[1],
-                    length=int(r["ContentLength"]), label=label)
+        with self.open_blob(digest) as (chunks, length):
+            save_stream(chunks, dest, what=f"{self.url} {digest}",
+                        sha256=digest.split(":", 1)[1], length=length, label=label)
 
     # ------------------------------------------------------------------ index
     def _read_index(self) -> tuple[Index, str | None]:

@@ -15,9 +15,7 @@ import datetime as dt
 import json
 import os
 import re
-import shutil
 import stat
-import tempfile
 import urllib.parse
 from collections import Counter
 from collections.abc import Iterable, Mapping
@@ -29,6 +27,7 @@ import provision
 from provision import run
 from provision.errors import ProvisionError, SpecError
 from provision.lock import Lock, LockedPackage, join_url
+from provision.rpmdb import query_rpmdb
 from provision.spec import Family, expand
 
 NOASSERTION = "NOASSERTION"
@@ -520,16 +519,7 @@ def rpm_installed(root: Path) -> list[Installed]:
         dbdir = in_root(root, "/var/lib/rpm")
     if dbdir is None or not dbdir.is_dir():
         raise SbomError(f"{root} has no rpm database (var/lib/rpm)")
-    with tempfile.TemporaryDirectory(prefix="provision-rpmdb-") as tmp:
-        for f in dbdir.iterdir():
-            if f.is_file() and not f.is_symlink():
-                shutil.copy2(f, Path(tmp) / f.name)
-        cmd: list[str] = ["rpm", f"--dbpath={tmp}"]
-        if not (Path(tmp) / "rpmdb.sqlite").exists() and (Path(tmp) / "Packages").exists():
-            cmd += ["--define", "_db_backend bdb_ro"]  # an old (Berkeley DB) rpmdb
-        elif not (Path(tmp) / "rpmdb.sqlite").exists():
-            raise SbomError(f"{dbdir} holds no rpm database")
-        out = run.output([*cmd, "-qa", "--qf", _FIELD.join(RPM_FIELDS) + _RECORD])
+    out = query_rpmdb(dbdir, _FIELD.join(RPM_FIELDS) + _RECORD, SbomError)
     found = []
     for name, arch, epoch, version, release, lic, vendor, srpm in _records(out, len(RPM_FIELDS), "rpm"):
         if name == "gpg-pubkey":

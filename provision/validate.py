@@ -21,7 +21,6 @@ import importlib.util
 import json
 import os
 import re
-import shutil
 import sys
 import tempfile
 import urllib.parse
@@ -34,6 +33,7 @@ from typing import Any, Literal
 import provision
 from provision import run
 from provision.errors import ProvisionError
+from provision.rpmdb import query_rpmdb
 
 TargetKind = Literal["chroot", "ssh", "ssh-config"]
 Outcome = Literal["pass", "fail", "error", "skip"]
@@ -178,17 +178,7 @@ def root_packages(root: Path, family: Literal["deb", "rpm"] | None = None) -> In
     dbdir = root / "var/lib/rpm"
     if dbdir.is_symlink() or not dbdir.is_dir():
         raise ValidationError(f"{dbdir} is not a directory")
-    with tempfile.TemporaryDirectory(prefix="provision-rpmdb-") as tmp:
-        for f in dbdir.iterdir():
-            if f.is_file() and not f.is_symlink():
-                shutil.copy2(f, Path(tmp) / f.name)
-        cmd: list[str] = ["rpm", f"--dbpath={tmp}"]
-        if not (Path(tmp) / "rpmdb.sqlite").exists() and (Path(tmp) / "Packages").exists():
-            cmd += ["--define", "_db_backend bdb_ro"]  # an old (Berkeley DB) rpmdb
-        elif not (Path(tmp) / "rpmdb.sqlite").exists():
-            raise ValidationError(f"{dbdir} holds no rpm database")
-        out = run.output([*cmd, "-qa", "--qf", RPM_FORMAT])
-    return parse_rpm(out)
+    return parse_rpm(query_rpmdb(dbdir, RPM_FORMAT, ValidationError))
 
 
 def locked_evr(package: Mapping[str, Any]) -> str:
