@@ -71,16 +71,6 @@ def mock_config(ref: Ref, store: Store, out: Path | None = None, *,
     if version.compression != "zstd":
         raise ProvisionError(f"{ref.name}@{version.digest} is {version.compression}-compressed; "
                              "mock's root cache here expects zstd (set compression: zstd)")
-    base = (cache_dir or default_cache_dir()) / "mock" / \
-        f"{ref.name}-{version.digest.split(':')[1][:16]}"
-    cache_file = base / "root_cache" / CACHE_NAME
-    if not cache_file.is_file():
-        local = store.local_path(version.digest)
-        src = local.as_uri() if local is not None else None
-        if src is not None:
-            download(src, cache_file, sha256=version.digest.split(":", 1)[1])
-        else:
-            store.get_blob(version.digest, cache_file, label=f"fetching {ref.name}")
     dnf_conf = None
     arch = "x86_64"
     with tempfile.TemporaryDirectory(prefix="provision-mock-") as tmp:
@@ -94,6 +84,16 @@ def mock_config(ref: Ref, store: Store, out: Path | None = None, *,
                 f"[{r.name}]\nname={r.name}\nbaseurl={r.baseurl}\n"
                 f"gpgcheck={1 if r.gpgcheck else 0}\n" for r in spec.repos)
             dnf_conf = f"[main]\nkeepcache=1\ninstall_weak_deps=0\n\n{repos}"
+    base = (cache_dir or default_cache_dir()) / "mock" / \
+        f"{ref.name}-{version.digest.split(':')[1][:16]}"
+    cache_file = base / "root_cache" / CACHE_NAME
+    if not cache_file.is_file():
+        local = store.local_path(version.digest)
+        src = local.as_uri() if local is not None else None
+        if src is not None:
+            download(src, cache_file, sha256=version.digest.split(":", 1)[1])
+        else:
+            store.get_blob(version.digest, cache_file, label=f"fetching {ref.name}")
     path = (out or Path(f"{ref.name}.cfg")).absolute()
     text = render(ref.name, version, cache_file.parent, arch=arch, dnf_conf=dnf_conf)
     try:

@@ -129,10 +129,14 @@ def oci_for(ref: Ref, store: Store, out: Path | None, *, cache_dir: Path | None 
     from provision.cache import default_cache_dir
 
     _env, version = store.read_index().resolve(ref)
-    dest = out or (cache_dir or default_cache_dir()) / "oci" / \
-        f"{ref.name}-{version.digest.split(':')[1][:16]}.oci.tar"
-    dest = dest.absolute()
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    if out is not None:
+        dest = out.absolute()
+        if not dest.parent.is_dir():
+            raise ProvisionError(f"--output: {dest.parent} is not a directory")
+    else:
+        dest = (cache_dir or default_cache_dir()) / "oci" / \
+            f"{ref.name}-{version.digest.split(':')[1][:16]}.oci.tar"
+        dest.parent.mkdir(parents=True, exist_ok=True)
     local = store.local_path(version.digest)
     with tempfile.TemporaryDirectory(prefix=".oci-", dir=dest.parent) as tmp:
         if local is None:
