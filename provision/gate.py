@@ -33,7 +33,6 @@ import posixpath
 import re
 import shutil
 import stat
-import subprocess
 import tarfile
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
@@ -42,11 +41,9 @@ from enum import StrEnum
 from pathlib import Path
 from typing import IO
 
-from provision.archive import Compression
-from provision.errors import ArchiveError, ProvisionError
-from provision.run import popen, stop
+from provision.errors import ProvisionError
 from provision.spec import Allow
-from provision.unpack import detect_compression
+from provision.unpack import tar_stream
 from provision.validate import root_packages
 
 log = logging.getLogger("provision.gate")
@@ -591,21 +588,6 @@ def _extents(fd: int, st: os.stat_result) -> Iterator[tuple[int, int]]:
 
 # --------------------------------------------------------------------------- archives
 
-def _decompress_argv(compression: Compression) -> list[str]:
-    if compression is Compression.ZSTD:
-        return ["zstd", "-d", "-c", "-q"]
-    return ["xz", "-d", "-c", "-q", "--memlimit-decompress=1GiB"]
-
-
-def _drain(f: IO[bytes], limit: int) -> bool:
-    """Read and discard up to `limit` bytes; True if the pipe reached its end."""
-    while data := f.read(CHUNK):
-        limit -= len(data)
-        if limit <= 0:
-            return False
-    return True
-
-
 def _member_path(name: str) -> str:
     return "/" + "/".join(p for p in name.split("/") if p not in ("", "."))
 
@@ -621,38 +603,10 @@ class _ArchiveScanner:
         self._seen: dict[str, tuple[dict[str, str], int]] = {}
 
     def scan(self) -> list[Finding]:
-        compression = detect_compression(self.archive)
-        with self.archive.open("rb") as f, tempfile.TemporaryFile() as err:
-            dec = popen(_decompress_argv(compression), stdin=f, stdout=subprocess.PIPE, stderr=err)
-            try:
-                assert dec.stdout is not None
-                try:
-                    with tarfile.open(fileobj=dec.stdout, mode="r|") as tf:
-                        for member in tf:
-                            self._member(tf, member)
-                    while dec.stdout.read(CHUNK):  # the zero padding after the end marker
-                        pass
-                except (tarfile.TarError, EOFError, OSError, UnicodeError, ValueError) as e:
-                    # Usually the stream broke off because the decompressor failed: let its
-                    # message win if so.
-                    if not _drain(dec.stdout, _DRAIN_LIMIT):
-                        dec.kill()
-                    dec.wait()
-                    self._decompressor_failed(dec, err, compression)
-                    raise ArchiveError(f"{self.archive}: not a valid tar stream: {e}") from None
-                dec.wait()
-                self._decompressor_failed(dec, err, compression)
-            finally:
-                stop([dec])
+        with tar_stream(self.archive) as tf:
+            for member in tf:
+                self._member(tf, member)
         return self.findings
-
-    def _decompressor_failed(self, dec: subprocess.Popen[bytes], err: IO[bytes],
-                             compression: Compression) -> None:
-        if dec.returncode not in (0, -9):
-            err.seek(0)
-            lines = err.read().decode(errors="replace").strip().splitlines()
-            why = lines[-1] if lines else f"exit code {dec.returncode}"
-            raise ArchiveError(f"{self.archive}: corrupt or truncated {compression} stream: {why}")
 
     def _member(self, tf: tarfile.TarFile, member: tarfile.TarInfo) -> None:
         path = _member_path(member.name)

@@ -512,9 +512,14 @@ def tar_stream(archive: Path) -> Iterator[tarfile.TarFile]:
                 with tarfile.open(fileobj=dec.stdout, mode="r|") as tf:
                     yield tf
             except (tarfile.TarError, EOFError, OSError, UnicodeError, ValueError) as e:
-                dec.kill()
+                # Usually the stream broke off because the decompressor failed: let its
+                # message win if so.
+                ended = _drain(dec.stdout.fileno(), _DRAIN_LIMIT)
+                if not ended:
+                    dec.kill()
                 dec.wait()
-                _raise_decompressor_failure(dec, dec_err, compression, archive)
+                if ended:
+                    _raise_decompressor_failure(dec, dec_err, compression, archive)
                 raise ArchiveError(f"{archive}: not a valid tar stream: {e}") from None
             dec.stdout.close()
             if dec.wait() not in (0, -signal.SIGPIPE):
